@@ -1,0 +1,1 @@
+"""Compiled (Cython) helpers used on every call's hot path."""

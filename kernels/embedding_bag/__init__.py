@@ -1,0 +1,108 @@
+"""Pooled embedding-bag lookup over one table (`embedding_bag`) or many (`TableBatch`)."""
+import importlib
+import threading
+
+import numpy as np
+
+from .._backend import choose_backend, like, to_numpy
+from .._validate import INDEX_DTYPES, check_array, check_bag_indices, check_choice, check_finite, check_offsets, check_same_device
+from ..quantize_rows import as_row_table
+
+POOLINGS = ("sum", "mean", "max")
+BOUNDS = ("error", "skip")
+
+
+class TableBatch:
+    """Many embedding tables looked up in one pass (FBGEMM's table-batched embeddings).
+
+    Tables may differ in R, D and dtype; they must all live on the host or all on one
+    CUDA device. Backends may keep derived layouts (packed buffers, pointer arrays) in
+    `prepared`, built once under `lock`.
+    """
+
+    def __init__(self, tables):
+        if not isinstance(tables, (list, tuple)) or len(tables) == 0:
+            raise ValueError("tables must be a non-empty list of tables")
+        self.tables = [as_row_table(t, f"tables[{i}]") for i, t in enumerate(tables)]
+        devices = {t.device for t in self.tables}
+        on_cuda = {t.kind == "cuda" for t in self.tables}
+        if len(on_cuda) > 1 or (True in on_cuda and len(devices) > 1):
+            raise ValueError(f"tables must all live on the host or all on one CUDA device, got {sorted(map(str, devices))}")
+        self.prepared = {}
+        self.lock = threading.Lock()
+
+    @property
+    def num_tables(self):
+        return len(self.tables)
+
+    @property
+    def dims(self):
+        return [t.shape[1] for t in self.tables]
+
+    @property
+    def rows(self):
+        return [t.shape[0] for t in self.tables]
+
+    @property
+    def nbytes(self):
+        return sum(t.nbytes for t in self.tables)
+
+    @property
+    def device(self):
+        return self.tables[0].device
+
+    def lookup(self, indices, offsets, *, pooling="sum", per_sample_weights=None, bounds="error"):
+        """Pooled bags of every table: float32 (B, sum of D_t), tables side by side in order.
+
+        offsets is table-major with T*B + 1 entries: bag b of table t is
+        indices[offsets[t*B + b] : offsets[t*B + b + 1]].
+        """
+        return _lookup(self, indices, offsets, pooling, per_sample_weights, bounds,
+                       table_names=[f"table {i}" for i in range(self.num_tables)] if self.num_tables > 1 else None)
+
+    def __repr__(self):
+        return f"TableBatch(num_tables={self.num_tables}, dims={self.dims}, nbytes={self.nbytes})"
+
+
+def embedding_bag(table, indices, offsets, *, pooling="sum", per_sample_weights=None, bounds="error"):
+    """Pooled lookup of bags of rows of one table: float32 (B, D), B = len(offsets) - 1."""
+    return _lookup(TableBatch([table]), indices, offsets, pooling, per_sample_weights, bounds, table_names=None)
+
+
+def _backend_module(name):
+    return importlib.import_module(f".{name}", __name__)
+
+
+def _lookup(batch, indices, offsets, pooling, per_sample_weights, bounds, table_names):
+    check_choice("pooling", pooling, POOLINGS)
+    check_choice("bounds", bounds, BOUNDS)
+    kind = check_array("indices", indices, 1, INDEX_DTYPES)
+    device = indices.device if kind == "cuda" else None
+    check_same_device("the tables", batch.tables[0].data, kind, device)
+    check_array("offsets", offsets, 1, ("int64",))
+    check_same_device("offsets", offsets, kind, device)
+    T = batch.num_tables
+    if (offsets.shape[0] - 1) % T != 0 or offsets.shape[0] == 0:
+        raise ValueError(f"offsets must have length T*B + 1 for T = {T} tables, got {offsets.shape[0]}")
+    B = (offsets.shape[0] - 1) // T
+    offsets_host = check_offsets("offsets", offsets, indices.shape[0], T * B)
+    if per_sample_weights is not None:
+        if pooling != "sum":
+            raise ValueError(f"per_sample_weights is only supported with pooling='sum', got pooling={pooling!r}")
+        check_array("per_sample_weights", per_sample_weights, 1, ("float32",))
+        check_same_device("per_sample_weights", per_sample_weights, kind, device)
+        if per_sample_weights.shape[0] != indices.shape[0]:
+            raise ValueError(f"per_sample_weights must have the length of indices ({indices.shape[0]}), "
+                             f"got {per_sample_weights.shape[0]}")
+        check_finite("per_sample_weights", per_sample_weights)
+    if bounds == "error":
+        check_bag_indices(indices, offsets_host, batch.rows, B, table_names)
+
+    backend = choose_backend(kind)
+    if backend == "triton":
+        out = _backend_module("triton").lookup(batch, indices, offsets, B, pooling, per_sample_weights, bounds)
+        return like(out, kind, device)
+    weights = None if per_sample_weights is None else np.ascontiguousarray(to_numpy(per_sample_weights))
+    out = _backend_module(backend).lookup(batch, np.ascontiguousarray(to_numpy(indices)), offsets_host, B,
+                                          pooling, weights, bounds)
+    return like(out, kind, device)

@@ -1,0 +1,112 @@
+"""Row storage for embedding tables and item corpora: `quantize_rows` and `RowTable`."""
+import importlib
+
+import numpy as np
+
+from .._backend import array_kind, bf16_bits_to_float32, choose_backend, dtype_name, to_numpy, to_torch, warn_once
+from .._validate import check_array, check_choice, check_finite
+from . import reference
+
+ROW_DTYPES = ("fp32", "fp16", "bf16", "int8", "int4")
+_FLOAT_TABLE_DTYPES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
+
+
+class RowTable:
+    """An (R, D) float table stored row by row as `dtype` ("fp32", "fp16", "bf16", "int8", "int4").
+
+    data: fp32 float32 (R, D); fp16 float16 (R, D); bf16 (R, D) bfloat16 tensor, or its
+    uint16 bits in NumPy; int8 uint8 codes (R, D); int4 uint8 (R, ceil(D/2)), two codes a
+    byte, low nibble first. scale, bias: float32 (R,) for int8/int4, else None.
+    All three are NumPy arrays, or torch tensors on one device.
+    """
+
+    __slots__ = ("dtype", "shape", "data", "scale", "bias")
+
+    def __init__(self, dtype, shape, data, scale=None, bias=None):
+        self.dtype = dtype
+        self.shape = (int(shape[0]), int(shape[1]))
+        self.data = data
+        self.scale = scale
+        self.bias = bias
+
+    @property
+    def kind(self):
+        """'numpy', 'torch' (CPU tensors) or 'cuda'."""
+        return array_kind(self.data)
+
+    @property
+    def device(self):
+        return None if self.kind == "numpy" else self.data.device
+
+    @property
+    def nbytes(self):
+        parts = (self.data, self.scale, self.bias)
+        return int(sum(p.nbytes if isinstance(p, np.ndarray) else p.numel() * p.element_size()
+                       for p in parts if p is not None))
+
+    def numpy(self):
+        """The same table with NumPy storage (a view for host data, a copy from a GPU)."""
+        if self.kind == "numpy":
+            return self
+        return RowTable(self.dtype, self.shape, to_numpy(self.data),
+                        None if self.scale is None else to_numpy(self.scale),
+                        None if self.bias is None else to_numpy(self.bias))
+
+    def to(self, device):
+        """The same table as torch tensors on `device` ("cpu", "cuda", ...)."""
+        host = self.numpy()
+        move = lambda a: None if a is None else to_torch(a, device)  # noqa: E731
+        return RowTable(self.dtype, self.shape, to_torch(host.data, device, bf16=self.dtype == "bf16"),
+                        move(host.scale), move(host.bias))
+
+    def dequantize(self):
+        """float32 (R, D), as the same kind of array as the storage."""
+        host = self.numpy()
+        out = reference.dequantize(self.dtype, self.shape[1], host.data, host.scale, host.bias)
+        if self.kind == "numpy":
+            return out
+        return to_torch(out, self.device)
+
+    def __repr__(self):
+        return f"RowTable(dtype={self.dtype!r}, shape={self.shape}, nbytes={self.nbytes}, kind={self.kind!r})"
+
+
+def as_row_table(table, name="table"):
+    """A RowTable as is, or a float (R, D) array of float32/float16/bfloat16 wrapped without a copy."""
+    if isinstance(table, RowTable):
+        return table
+    check_array(name, table, 2, tuple(_FLOAT_TABLE_DTYPES))
+    dtype = _FLOAT_TABLE_DTYPES[dtype_name(table)]
+    if isinstance(table, np.ndarray):
+        data = np.ascontiguousarray(table)
+    else:
+        data = table.detach().contiguous()
+    return RowTable(dtype, table.shape, data)
+
+
+def _backend_module(name):
+    return importlib.import_module(f".{name}", __name__)
+
+
+def quantize_rows(weights, dtype):
+    """Store a float (R, D) table as `dtype`: "fp32", "fp16", "bf16", "int8" or "int4".
+
+    Returns a RowTable on the same kind of array and device as `weights`.
+    """
+    check_choice("dtype", dtype, ROW_DTYPES)
+    kind = check_array("weights", weights, 2, ("float32", "float16", "bfloat16", "float64"))
+    check_finite("weights", weights)
+    backend = choose_backend(kind)
+    if backend == "triton":
+        warn_once("quantize_rows-host", "quantize_rows has no GPU kernel: CUDA weights are quantized on the host")
+        backend = "cpu"
+    host = to_numpy(weights)
+    if host.dtype == np.uint16:  # bf16 bits
+        host = bf16_bits_to_float32(host)
+    data, scale, bias = _backend_module(backend).quantize(host, dtype)
+    if dtype in ("fp16", "bf16"):
+        stored = data.astype(np.float32) if dtype == "fp16" else bf16_bits_to_float32(data)
+        if not np.isfinite(stored).all():
+            raise ValueError(f"weights has values outside the {dtype} range")
+    table = RowTable(dtype, weights.shape, data, scale, bias)
+    return table if kind == "numpy" else table.to(weights.device)

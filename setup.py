@@ -1,0 +1,36 @@
+"""Build script: maps the source folders onto the `recscore` package and compiles the Cython bindings."""
+import numpy as np
+from Cython.Build import cythonize
+from setuptools import Extension, setup
+
+extensions = [
+    Extension(
+        "recscore.bindings._checks",
+        ["bindings/_checks.pyx"],
+        include_dirs=[np.get_include()],
+        extra_compile_args=["-O3"],
+        define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
+    ),
+]
+
+setup(
+    packages=[
+        "recscore",
+        "recscore.bindings",
+        "recscore.kernels",
+        "recscore.kernels.quantize_rows",
+        "recscore.kernels.embedding_bag",
+        "recscore.kernels.topk",
+        "recscore.kernels.qmatmul",
+    ],
+    package_dir={
+        "recscore": "engine",
+        "recscore.bindings": "bindings",
+        "recscore.kernels": "kernels",
+        "recscore.kernels.quantize_rows": "kernels/quantize_rows",
+        "recscore.kernels.embedding_bag": "kernels/embedding_bag",
+        "recscore.kernels.topk": "kernels/topk",
+        "recscore.kernels.qmatmul": "kernels/qmatmul",
+    },
+    ext_modules=cythonize(extensions, language_level=3, compiler_directives={"boundscheck": False, "wraparound": False}),
+)
