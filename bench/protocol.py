@@ -1,0 +1,149 @@
+"""The measuring protocol of BENCHMARKING.md, in one place.
+
+A comparison times recscore ("ours") against a named peer on the same inputs: both sides
+warm up on every input set, then run alternately (A, B, A, B, ...) over rotated input sets;
+the result is the median of the per-pair ratios peer_time / ours_time (> 1: we are faster)
+with its min and max. `run_group` runs a group's comparisons, writes
+bench/results/<group>.json and rewrites that group's table in bench/RESULTS.md.
+
+A group is a module `bench/compare_<group>.py` with `comparisons(quick: bool)`, a generator
+of `Comparison`s (a generator, so each case's big inputs are built and freed in turn).
+"""
+import dataclasses
+import datetime
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+BENCH_DIR = Path(__file__).resolve().parent
+RESULTS_MD = BENCH_DIR / "RESULTS.md"
+THREADS = 2
+
+
+@dataclasses.dataclass
+class Comparison:
+    name: str                           # the case, e.g. "large R=2M D=64 fp32"
+    ours: str                           # what runs on our side, e.g. "recscore cpu int8"
+    peer: str                           # the named peer, e.g. "torch.nn.EmbeddingBag fp32"
+    run_ours: Callable[[int], object]   # run one call on input set i
+    run_peer: Callable[[int], object]
+    n_sets: int = 8                     # rotated input sets
+    pairs: int = 24                     # timed A/B pairs (each pair uses input set pair % n_sets)
+    target: Optional[float] = None      # the speedup the issue asks for, if any
+    bytes_per_call: Optional[float] = None  # bytes our call must move, for a GB/s column
+    note: str = ""
+
+
+def set_threads(n=THREADS):
+    """Same threads for everyone: torch, Numba, FAISS and OpenMP."""
+    os.environ.setdefault("OMP_NUM_THREADS", str(n))
+    import numba
+    numba.set_num_threads(n)
+    try:
+        import torch
+        torch.set_num_threads(n)
+    except ImportError:
+        pass
+    try:
+        import faiss
+        faiss.omp_set_num_threads(n)
+    except ImportError:
+        pass
+
+
+def _timed(fn, i):
+    start = time.perf_counter()
+    fn(i)
+    return time.perf_counter() - start
+
+
+def measure(c: Comparison):
+    """Warm up on every set, then alternate ours/peer; median pair ratio with min and max."""
+    for i in range(c.n_sets):
+        c.run_ours(i)
+        c.run_peer(i)
+    ours, peer, ratios = [], [], []
+    for p in range(c.pairs):
+        i = p % c.n_sets
+        if p % 2 == 0:
+            a, b = _timed(c.run_ours, i), _timed(c.run_peer, i)
+        else:  # alternate who goes first too
+            b, a = _timed(c.run_peer, i), _timed(c.run_ours, i)
+        ours.append(a)
+        peer.append(b)
+        ratios.append(b / a)
+    row = {
+        "name": c.name, "ours": c.ours, "peer": c.peer, "pairs": c.pairs, "n_sets": c.n_sets,
+        "ours_median_ms": statistics.median(ours) * 1e3,
+        "peer_median_ms": statistics.median(peer) * 1e3,
+        "ratio_median": statistics.median(ratios), "ratio_min": min(ratios), "ratio_max": max(ratios),
+        "target": c.target, "note": c.note,
+    }
+    if c.bytes_per_call:
+        row["ours_gbps"] = c.bytes_per_call / statistics.median(ours) / 1e9
+    row["met"] = None if c.target is None else row["ratio_median"] >= c.target
+    return row
+
+
+def machine_info():
+    import numpy
+    info = {"machine": platform.machine(), "processor": platform.processor(), "cpus": os.cpu_count(),
+            "python": platform.python_version(), "numpy": numpy.__version__, "threads": THREADS,
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    for mod in ("numba", "torch", "triton", "faiss"):
+        try:
+            info[mod] = __import__(mod).__version__
+        except ImportError:
+            pass
+    return info
+
+
+def markdown_table(rows):
+    lines = ["| case | ours | peer | ours ms | peer ms | speedup median (min-max) | GB/s (ours) | target | met |",
+             "|---|---|---|---:|---:|---|---:|---:|---|"]
+    for r in rows:
+        gbps = f"{r['ours_gbps']:.1f}" if r.get("ours_gbps") else ""
+        target = f"{r['target']:g}x" if r["target"] else ""
+        met = {None: "", True: "yes", False: "**no**"}[r["met"]]
+        lines.append(f"| {r['name']} | {r['ours']} | {r['peer']} | {r['ours_median_ms']:.3f} | {r['peer_median_ms']:.3f} "
+                     f"| {r['ratio_median']:.2f}x ({r['ratio_min']:.2f}-{r['ratio_max']:.2f}) | {gbps} | {target} | {met} |")
+    return "\n".join(lines)
+
+
+def update_results_md(group, rows, info):
+    """Replace the block between this group's markers in RESULTS.md (appending it if new)."""
+    begin, end = f"<!-- BEGIN {group} -->", f"<!-- END {group} -->"
+    versions = ", ".join(f"{k} {info[k]}" for k in ("python", "numpy", "numba", "torch", "triton", "faiss") if k in info)
+    block = (f"{begin}\n_Measured {info['date']} on {info['cpus']} CPUs ({info['machine']}), {THREADS} threads; "
+             f"{versions}. Raw numbers: `bench/results/{group}.json`._\n\n{markdown_table(rows)}\n{end}")
+    text = RESULTS_MD.read_text() if RESULTS_MD.exists() else "# Benchmark results\n"
+    if begin in text:
+        head, rest = text.split(begin, 1)
+        text = head + block + rest.split(end, 1)[1]
+    else:
+        text = text.rstrip("\n") + f"\n\n## {group}\n\n{block}\n"
+    RESULTS_MD.write_text(text)
+
+
+def run_group(group, quick=False, write=True, only=None):
+    """Run bench/compare_<group>.py's comparisons; print and (unless write=False) record them."""
+    import importlib
+    set_threads()
+    module = importlib.import_module(f"bench.compare_{group}")
+    rows = []
+    for c in module.comparisons(quick=quick):
+        if only and only not in c.name:
+            continue
+        row = measure(c)
+        rows.append(row)
+        print(markdown_table([row]).splitlines()[-1], flush=True)
+    info = machine_info()
+    if write and not quick:
+        (BENCH_DIR / "results").mkdir(exist_ok=True)
+        (BENCH_DIR / "results" / f"{group}.json").write_text(json.dumps({"machine": info, "rows": rows}, indent=2))
+        update_results_md(group, rows, info)
+    return rows
