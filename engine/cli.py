@@ -1,0 +1,27 @@
+"""The `recscore` command."""
+import argparse
+import sys
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="recscore", description="Real-time recommendation scoring.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    demo = commands.add_parser("demo", help="recommend on a synthetic catalogue (default) or on MovieLens")
+    demo.add_argument("--movielens", metavar="PATH", help="folder of MovieLens latest-small (ratings.csv, movies.csv)")
+    demo.add_argument("-k", type=int, default=10, help="recommendations per user (default 10)")
+    args = parser.parse_args(argv)
+
+    from . import demo as demo_module
+    if args.movielens:
+        try:
+            demo_module.run_movielens(args.movielens, k=args.k)
+        except FileNotFoundError as error:
+            print(f"recscore demo: {error}", file=sys.stderr)
+            return 2
+    else:
+        demo_module.run_synthetic(k=args.k)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
