@@ -3,6 +3,9 @@ import time
 from collections import Counter
 
 import numpy as np
+from tqdm import tqdm
+
+from recscore.kernels import RowTable, quantize_rows
 
 from .datasets import hold_out_last, load_movielens, synthetic_catalogue
 from .evaluate import popularity_ranking, recall_ndcg
@@ -42,6 +45,18 @@ def _print_latency(catalogue, recommender, k, out, batch=256):
         f"({len(users) / total * 1e3:,.0f} users/s)")
 
 
+def quantize_with_progress(weights, dtype, chunk_rows=1 << 16):
+    """quantize_rows in row chunks, with a progress bar that appears only if it takes over a second."""
+    if dtype == "fp32":
+        return weights
+    parts = [quantize_rows(weights[start:start + chunk_rows], dtype)
+             for start in tqdm(range(0, len(weights), chunk_rows), desc=f"quantizing to {dtype}", unit="chunk",
+                               delay=1.0)]
+    join = lambda arrays: None if arrays[0] is None else np.concatenate(arrays)  # noqa: E731
+    return RowTable(dtype, weights.shape, join([p.data for p in parts]),
+                    join([p.scale for p in parts]), join([p.bias for p in parts]))
+
+
 def _warm_up(catalogue, recommender, k, out):
     """Run once so kernel compilation (or loading it from the cache) is not billed to a request."""
     start = time.perf_counter()
@@ -49,16 +64,17 @@ def _warm_up(catalogue, recommender, k, out):
     out(f"Kernel warm-up (compile or cache load): {(time.perf_counter() - start) * 1e3:.0f} ms")
 
 
-def run_synthetic(k=10, out=print, progress=True):
-    out("Building the synthetic catalogue (20,000 items with 32 latent factors, 2,000 users)")
+def run_synthetic(k=10, dtype="fp32", out=print, progress=True):
+    out(f"Building the synthetic catalogue (20,000 items with 32 latent factors, 2,000 users), rows as {dtype}")
     catalogue = synthetic_catalogue(progress=progress)
-    recommender = Recommender(catalogue.item_factors, catalogue.item_factors, pooling="mean")
+    table = quantize_with_progress(catalogue.item_factors, dtype)
+    recommender = Recommender(table, table, pooling="mean")
     _warm_up(catalogue, recommender, k, out)
     _print_recommendations(catalogue, recommender, list(range(SHOWN_USERS)), k, out)
     _print_latency(catalogue, recommender, k, out)
 
 
-def run_movielens(path, k=10, rank=64, out=print):
+def run_movielens(path, k=10, dtype="fp32", rank=64, out=print):
     start = time.perf_counter()
     catalogue = load_movielens(path)
     out(f"MovieLens from {path}: {catalogue.num_users} users, {catalogue.num_items} movies, "
@@ -67,9 +83,10 @@ def run_movielens(path, k=10, rank=64, out=print):
     start = time.perf_counter()
     item_vectors = pure_svd(train.history_indptr, train.history_items, train.history_weights,
                             train.num_items, rank=rank)
-    out(f"Item vectors: PureSVD rank {rank} of the rating matrix, last rating per user held out "
+    out(f"Item vectors: PureSVD rank {rank} of the rating matrix, stored as {dtype}, last rating per user held out "
         f"({(time.perf_counter() - start) * 1e3:.0f} ms)")
-    recommender = Recommender(item_vectors, item_vectors, pooling="sum", weighted=True)
+    table = quantize_with_progress(item_vectors, dtype)
+    recommender = Recommender(table, table, pooling="sum", weighted=True)
     _warm_up(train, recommender, k, out)
 
     recs = recommender.recommend(*histories_of(train, test_users), k=k)
