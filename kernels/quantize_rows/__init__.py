@@ -8,6 +8,7 @@ from .._validate import check_array, check_choice, check_finite
 from . import reference
 
 ROW_DTYPES = ("fp32", "fp16", "bf16", "int8", "int4")
+_FINITE_LIMIT = {"fp16": 65504.0, "bf16": 3.3895313892515355e38}   # largest finite values
 _FLOAT_TABLE_DTYPES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
 
 
@@ -103,10 +104,9 @@ def quantize_rows(weights, dtype):
     host = to_numpy(weights)
     if host.dtype == np.uint16:  # bf16 bits
         host = bf16_bits_to_float32(host)
+    limit = _FINITE_LIMIT.get(dtype)
+    if limit is not None and host.size and np.abs(host).max() > limit:
+        raise ValueError(f"weights has values outside the {dtype} range (largest magnitude {limit:g})")
     data, scale, bias = _backend_module(backend).quantize(host, dtype)
-    if dtype in ("fp16", "bf16"):
-        stored = data.astype(np.float32) if dtype == "fp16" else bf16_bits_to_float32(data)
-        if not np.isfinite(stored).all():
-            raise ValueError(f"weights has values outside the {dtype} range")
     table = RowTable(dtype, weights.shape, data, scale, bias)
     return table if kind == "numpy" else table.to(weights.device)
