@@ -59,21 +59,26 @@ def synthetic_catalogue(num_items=20_000, num_users=2_000, dim=32, seed=7, progr
     item_genre = rng.integers(0, len(genres), num_items)
     factors = (centres[item_genre] + 0.6 * rng.standard_normal((num_items, dim))).astype(np.float32)
     titles, categories = [], []
-    for item, g in enumerate(tqdm(item_genre, desc="items", unit="item", disable=not progress, mininterval=0.2)):
+    for item, g in enumerate(item_genre):
         adjectives, nouns = _GENRES[genres[g]]
         titles.append(f"{adjectives[item % 5]} {nouns[(item // 5) % 5]} {item // 25 + 1}")
         categories.append(genres[g])
 
-    indptr = np.zeros(num_users + 1, dtype=np.int64)
+    # Each user favours one to three genres; a history is a draw without replacement from the
+    # softmax of taste . item, done for a chunk of users at once with the Gumbel-top-k trick.
+    lengths = rng.integers(3, 60, num_users)
     histories = []
-    for user in tqdm(range(num_users), desc="users", unit="user", disable=not progress, mininterval=0.2):
-        favourite = rng.choice(len(genres), size=rng.integers(1, 4), replace=False)
-        taste = centres[favourite].mean(axis=0) + 0.3 * rng.standard_normal(dim).astype(np.float32)
-        logits = factors @ taste
-        p = np.exp((logits - logits.max()) / 2.0)
-        length = int(rng.integers(3, 60))
-        histories.append(rng.choice(num_items, size=length, replace=False, p=p / p.sum()))
-        indptr[user + 1] = indptr[user] + length
+    for start in tqdm(range(0, num_users, 250), desc="users", unit="chunk", disable=not progress):
+        count = min(250, num_users - start)
+        favourite = rng.random((count, len(genres))) < rng.integers(1, 4, (count, 1)) / len(genres)
+        favourite[np.arange(count), rng.integers(0, len(genres), count)] = True
+        tastes = (favourite @ centres) / favourite.sum(axis=1, keepdims=True)
+        tastes += 0.3 * rng.standard_normal((count, dim)).astype(np.float32)
+        keys = (tastes @ factors.T) / 2.0 + rng.gumbel(size=(count, num_items)).astype(np.float32)
+        best = np.argpartition(-keys, 60, axis=1)[:, :60]
+        best = np.take_along_axis(best, np.argsort(-np.take_along_axis(keys, best, axis=1), axis=1), axis=1)
+        histories.extend(best[u, :lengths[start + u]] for u in range(count))
+    indptr = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
     items = np.concatenate(histories).astype(np.int64)
     return Catalogue(titles, categories, indptr, items, np.ones(len(items), dtype=np.float32), factors)
 
