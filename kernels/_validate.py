@@ -79,11 +79,30 @@ def locate(offsets_host, position):
     return segment, int(position - offsets_host[segment])
 
 
+def first_bad_index_on_device(indices, offsets_host, rows_per_table, bags_per_table):
+    """The first position whose index is outside [-1, R_t), found with tensor reductions where
+    `indices` lives (a CUDA tensor is never copied to the host), or -1."""
+    import torch
+    table_ends = offsets_host[bags_per_table::bags_per_table] if bags_per_table else np.zeros(len(rows_per_table), np.int64)
+    per_table = np.diff(np.concatenate([[0], table_ends]))
+    limit = torch.repeat_interleave(torch.as_tensor(rows_per_table, dtype=torch.int64, device=indices.device),
+                                    torch.as_tensor(per_table, device=indices.device))
+    bad = (indices < -1) | (indices >= limit)
+    if not bool(bad.any()):
+        return -1
+    return int(torch.nonzero(bad)[0, 0])
+
+
 def check_bag_indices(indices, offsets_host, rows_per_table, bags_per_table, table_names=None):
     """Every index of table t must lie in [-1, R_t); IndexError names table, bag and position."""
-    host = np.ascontiguousarray(to_numpy(indices))
     rows = np.asarray(rows_per_table, dtype=np.int64)
-    bad = _checks.first_bad_index(host, offsets_host, rows, bags_per_table)
+    if array_kind(indices) == "cuda":
+        bad = first_bad_index_on_device(indices, offsets_host, rows, bags_per_table)
+        value = int(indices[bad]) if bad >= 0 else None
+    else:
+        host = np.ascontiguousarray(to_numpy(indices))
+        bad = _checks.first_bad_index(host, offsets_host, rows, bags_per_table)
+        value = int(host[bad]) if bad >= 0 else None
     if bad < 0:
         return
     segment, slot = locate(offsets_host, bad)
@@ -92,7 +111,7 @@ def check_bag_indices(indices, offsets_host, rows_per_table, bags_per_table, tab
     if table_names is not None:
         where = f"{table_names[table]}, " + where
     raise IndexError(
-        f"indices[{bad}] = {int(host[bad])} ({where}) is out of range for a table of "
+        f"indices[{bad}] = {value} ({where}) is out of range for a table of "
         f"{int(rows[table])} rows (valid: -1 for padding, 0..{int(rows[table]) - 1})")
 
 

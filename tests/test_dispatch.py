@@ -54,3 +54,17 @@ def test_results_come_back_as_the_callers_kind():
     assert like(result, "numpy") is result
     as_tensor = like(result, "torch")
     assert isinstance(as_tensor, torch.Tensor) and as_tensor.data_ptr() == result.ctypes.data
+
+
+def test_device_side_index_check_agrees_with_the_c_one(rng):
+    """The tensor-reduction check used for CUDA inputs finds the same first bad position as the C scan."""
+    from recscore.bindings import _checks
+    from recscore.kernels._validate import first_bad_index_on_device
+    rows = np.array([5, 1, 9], np.int64)
+    for _ in range(50):
+        B = int(rng.integers(1, 4))
+        lengths = rng.integers(0, 4, 3 * B)
+        offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+        indices = rng.integers(-2, 10, offsets[-1]).astype(np.int64)
+        want = _checks.first_bad_index(indices, offsets, rows, B)
+        assert first_bad_index_on_device(torch.from_numpy(indices), offsets, rows, B) == want
