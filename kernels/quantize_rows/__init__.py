@@ -105,7 +105,7 @@ def quantize_rows(weights, dtype):
     if host.dtype == np.uint16:  # bf16 bits
         host = bf16_bits_to_float32(host)
     limit = _FINITE_LIMIT.get(dtype)
-    if limit is not None and host.size and np.abs(host).max() > limit:
+    if limit is not None and host.size and float(np.abs(host).max()) > limit:
         raise ValueError(f"weights has values outside the {dtype} range (largest magnitude {limit:g})")
     data, scale, bias = _backend_module(backend).quantize(host, dtype)
     table = RowTable(dtype, weights.shape, data, scale, bias)

@@ -1,0 +1,117 @@
+"""Pooled embedding lookup (issue 3) against torch.nn.EmbeddingBag on the same table memory.
+
+    python -m bench.compare embedding
+
+Peers: torch.nn.EmbeddingBag (fp32 and fp16; FBGEMM's JIT kernels on the CPU), built with
+from_pretrained(torch.from_numpy(table), freeze=True), which shares our NumPy buffer (checked:
+same data pointer). FBGEMM's own CPU TBE (`fbgemm-gpu-cpu` 1.9.0) installs but its .so does
+not load beside torch 2.13.0, so it is not a peer here.
+
+Shapes (B = 2048, 8 rotated index sets each, uniform random rows):
+- small: R = 100k, D = 64, L = 32, sum (6.4 M floats: mostly in the 32 MB L3);
+- large: R = 2M, D = 64, L = 32, sum (512 MB fp32: random DRAM reads);
+- DLRM-like: 26 tables, R log-spaced 1k..4M, D = 128 below 100k rows else 64, L per table
+  drawn from 1..40; TableBatch.lookup vs one EmbeddingBag call per table + torch.cat.
+Our side is the public API (embedding_bag / TableBatch.lookup, validation included).
+"""
+import numpy as np
+import torch
+
+from bench.protocol import Comparison
+from recscore.kernels import TableBatch, embedding_bag, quantize_rows
+
+B = 2048
+N_SETS = 8
+
+
+def random_table(rng, rows, dim):
+    return rng.standard_normal((rows, dim), dtype=np.float32)
+
+
+def torch_bag(table):
+    """An EmbeddingBag over the same memory as `table` (NumPy float32/float16)."""
+    weight = torch.from_numpy(table)
+    bag = torch.nn.EmbeddingBag.from_pretrained(weight, freeze=True, mode="sum")
+    assert bag.weight.data_ptr() == table.ctypes.data, "EmbeddingBag copied the table"
+    return bag
+
+
+def single_table_cases(rng, name, rows, dim, pooling_factor, int8_target):
+    table = random_table(rng, rows, dim)
+    index_sets = [rng.integers(0, rows, B * pooling_factor) for _ in range(N_SETS)]
+    offsets = np.arange(0, B * pooling_factor + 1, pooling_factor, dtype=np.int64)
+    torch_sets = [torch.from_numpy(s) for s in index_sets]
+    torch_offsets = torch.from_numpy(offsets[:-1])
+    row_reads = B * pooling_factor
+    shape = f"{name} R={rows // 1000}k D={dim} B={B} L={pooling_factor}"
+
+    def peer_of(bag):
+        def run(i):
+            with torch.no_grad():
+                return bag(torch_sets[i], torch_offsets)
+        return run
+
+    def ours_of(stored):
+        return lambda i: embedding_bag(stored, index_sets[i], offsets)
+
+    torch_fp32 = peer_of(torch_bag(table))
+    yield Comparison(f"{shape} fp32", "recscore cpu fp32", "torch.nn.EmbeddingBag fp32", ours_of(table), torch_fp32,
+                     target=1.2, bytes_per_call=row_reads * dim * 4)
+    table_fp16 = table.astype(np.float16)
+    yield Comparison(f"{shape} fp16", "recscore cpu fp16", "torch.nn.EmbeddingBag fp16", ours_of(table_fp16),
+                     peer_of(torch_bag(table_fp16)), target=1.0, bytes_per_call=row_reads * dim * 2)
+    del table_fp16
+    table_int8 = quantize_rows(table, "int8")
+    yield Comparison(f"{shape} int8 rows", "recscore cpu int8", "torch.nn.EmbeddingBag fp32", ours_of(table_int8),
+                     torch_fp32, target=int8_target, bytes_per_call=row_reads * (dim + 8),
+                     note="same logical table, stored as int8 rows + fp32 scale/bias")
+
+
+def dlrm_cases(rng, quick):
+    n_tables = 8 if quick else 26
+    rows = np.geomspace(1_000, 200_000 if quick else 4_000_000, n_tables).astype(np.int64)
+    dims = [128 if r < 100_000 else 64 for r in rows]
+    pooling_factors = rng.integers(1, 41, n_tables)
+    tables = [random_table(rng, int(r), d) for r, d in zip(rows, dims)]
+    offsets = np.concatenate([[0], np.cumsum(np.repeat(pooling_factors, B))]).astype(np.int64)
+    index_sets = [np.concatenate([rng.integers(0, r, B * L) for r, L in zip(rows, pooling_factors)])
+                  for _ in range(N_SETS)]
+    # The peer's per-table inputs are views of the same index buffers.
+    starts = offsets[::B]
+    torch_inputs = [[(torch.from_numpy(s[starts[t]:starts[t + 1]]),
+                      torch.from_numpy(np.arange(0, B * L, L, dtype=np.int64)))
+                     for t, L in enumerate(pooling_factors)] for s in index_sets]
+    shape = f"DLRM-like T={n_tables} R=1k..{rows[-1] // 1000}k D=64/128 B={B} L=1..40"
+    row_reads = B * int(pooling_factors.sum())
+    row_bytes = float(np.dot(pooling_factors, dims)) / pooling_factors.sum()
+
+    def peer_of(bags):
+        def run(i):
+            with torch.no_grad():
+                return torch.cat([bag(idx, off) for bag, (idx, off) in zip(bags, torch_inputs[i])], dim=1)
+        return run
+
+    def ours_of(stored_tables):
+        batch = TableBatch(stored_tables)
+        return lambda i: batch.lookup(index_sets[i], offsets)
+
+    torch_fp32 = peer_of([torch_bag(t) for t in tables])
+    yield Comparison(f"{shape} fp32", "recscore cpu TableBatch fp32", "torch.nn.EmbeddingBag fp32, per-table loop",
+                     ours_of(tables), torch_fp32, target=1.5, bytes_per_call=row_reads * row_bytes * 4)
+    tables_int8 = [quantize_rows(t, "int8") for t in tables]
+    yield Comparison(f"{shape} int8 rows", "recscore cpu TableBatch int8", "torch.nn.EmbeddingBag fp32, per-table loop",
+                     ours_of(tables_int8), torch_fp32, target=4.0, bytes_per_call=row_reads * (row_bytes + 8),
+                     note="same logical tables, stored as int8 rows + fp32 scale/bias")
+    del tables_int8, torch_fp32
+    tables_fp16 = [t.astype(np.float16) for t in tables]
+    del tables
+    yield Comparison(f"{shape} fp16", "recscore cpu TableBatch fp16", "torch.nn.EmbeddingBag fp16, per-table loop",
+                     ours_of(tables_fp16), peer_of([torch_bag(t) for t in tables_fp16]), target=1.0,
+                     bytes_per_call=row_reads * row_bytes * 2)
+
+
+def comparisons(quick=False):
+    rng = np.random.default_rng(2026)
+    yield from single_table_cases(rng, "small", 20_000 if quick else 100_000, 64, 32, None)
+    yield from single_table_cases(rng, "large", 200_000 if quick else 2_000_000, 64, 32, 4.0)
+    yield from dlrm_cases(rng, quick)

@@ -1,0 +1,164 @@
+"""Pooled embedding-bag lookup in Triton: every table of a TableBatch in one launch.
+
+One program pools one bag of one table over a BLOCK_D slice of its columns, BLOCK_L indices
+at a time: a (BLOCK_L, BLOCK_D) tile of rows is loaded (contiguous along D, so row loads
+vectorise), dequantized in registers (int8/int4 codes * scale + bias; fp16/bf16 widened),
+and reduced into a float32 accumulator.
+
+One launch for all dtypes, with no copy of any table: the tables are addressed as byte
+offsets from one base pointer (the first table's storage; all tables live on one device, in
+one flat address space), and each table's row of `meta` says where its rows, scales and biases
+are, its dtype, R, D, row stride and output column. The dtype branch runs per program on a
+uniform value (no divergence inside a program); constexpr flags drop the branches for dtypes
+the batch does not hold. Packing tables into per-dtype buffers would copy every table.
+"""
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from .._backend import triton_interpreted
+
+DTYPE_CODES = {"fp32": 0, "fp16": 1, "bf16": 2, "int8": 3, "int4": 4}
+POOLING_CODES = {"sum": 0, "mean": 1, "max": 2}
+FP32, FP16, BF16, INT8, INT4 = (tl.constexpr(code) for code in range(5))
+# Bits of DTYPE_FLAGS (1 << code): which dtypes a batch holds.
+FP32_BIT, FP16_BIT, BF16_BIT, INT8_BIT, INT4_BIT = (tl.constexpr(1 << code) for code in range(5))
+QUANTIZED_BITS = tl.constexpr(INT8_BIT | INT4_BIT)
+# Columns of `meta`, one row per table (int64).
+DATA, SCALE, BIAS, DTYPE, ROWS, DIM, ROW_BYTES, COLUMN = (tl.constexpr(column) for column in range(8))
+META_COLUMNS = tl.constexpr(8)
+
+
+def _configs():
+    if triton_interpreted():  # the interpreter cannot time configs: one small tile
+        return [triton.Config({"BLOCK_L": 8, "BLOCK_D": 32}, num_warps=1)]
+    return [triton.Config({"BLOCK_L": block_l, "BLOCK_D": block_d}, num_warps=warps)
+            for block_d, warps in ((32, 1), (64, 2), (128, 4), (256, 4), (512, 8))
+            for block_l in (4, 8, 16)]
+
+
+@triton.autotune(configs=_configs(), key=["MAX_DIM", "DTYPE_FLAGS", "POOLING", "DIM_MULTIPLE"])
+@triton.jit
+def _lookup_kernel(base_ptr, meta_ptr, indices_ptr, offsets_ptr, weights_ptr, out_ptr,
+                   bags_per_table, total_dim,
+                   MAX_DIM, DTYPE_FLAGS: tl.constexpr, POOLING: tl.constexpr, HAS_WEIGHTS: tl.constexpr,
+                   ROW_ALIGN: tl.constexpr, DIM_MULTIPLE: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr):
+    segment = tl.program_id(0)
+    table = segment // bags_per_table
+    bag = segment - table * bags_per_table
+    meta = meta_ptr + table * META_COLUMNS
+    data_offset = tl.load(meta + DATA)
+    scale_offset = tl.load(meta + SCALE)
+    bias_offset = tl.load(meta + BIAS)
+    dtype = tl.load(meta + DTYPE)
+    rows = tl.load(meta + ROWS)
+    # Every table's D and row start are multiples of these (the host checked): they let the
+    # compiler vectorise row loads and the d < D mask.
+    dim = tl.multiple_of(tl.load(meta + DIM), DIM_MULTIPLE)
+    row_bytes = tl.load(meta + ROW_BYTES)
+    column = tl.load(meta + COLUMN)
+
+    d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    d_mask = d < dim
+    start = tl.load(offsets_ptr + segment)
+    end = tl.load(offsets_ptr + segment + 1)
+    if POOLING == 2:
+        acc = tl.full([BLOCK_D], float("-inf"), tl.float32)
+    else:
+        acc = tl.zeros([BLOCK_D], tl.float32)
+    count = 0
+    for i in range(start, end, BLOCK_L):
+        position = i + tl.arange(0, BLOCK_L)
+        in_bag = position < end
+        index = tl.load(indices_ptr + position, mask=in_bag, other=-1).to(tl.int64)
+        valid = in_bag & (index >= 0) & (index < rows)  # -1 padding; out of range with bounds="skip"
+        count += tl.sum(valid.to(tl.int32), axis=0)
+        tile_mask = valid[:, None] & d_mask[None, :]
+        row_start = data_offset + index * row_bytes
+        row_start = tl.multiple_of(row_start, ROW_ALIGN)
+        row = base_ptr + row_start  # (BLOCK_L,) byte pointers to the rows, then typed per dtype
+        values = tl.zeros([BLOCK_L, BLOCK_D], tl.float32)
+        if FP32_BIT & DTYPE_FLAGS:
+            if dtype == FP32:
+                values = tl.load(row.to(tl.pointer_type(tl.float32))[:, None] + d[None, :], mask=tile_mask, other=0.0)
+        if FP16_BIT & DTYPE_FLAGS:
+            if dtype == FP16:
+                values = tl.load(row.to(tl.pointer_type(tl.float16))[:, None] + d[None, :], mask=tile_mask,
+                                 other=0.0).to(tl.float32)
+        if BF16_BIT & DTYPE_FLAGS:
+            if dtype == BF16:
+                values = tl.load(row.to(tl.pointer_type(tl.bfloat16))[:, None] + d[None, :], mask=tile_mask,
+                                 other=0.0).to(tl.float32)
+        if QUANTIZED_BITS & DTYPE_FLAGS:
+            if dtype >= INT8:
+                scale = tl.load((base_ptr + scale_offset + index * 4).to(tl.pointer_type(tl.float32)), mask=valid, other=0.0)
+                bias = tl.load((base_ptr + bias_offset + index * 4).to(tl.pointer_type(tl.float32)), mask=valid, other=0.0)
+                if dtype == INT8:
+                    codes = tl.load(row[:, None] + d[None, :], mask=tile_mask, other=0)
+                else:  # two codes a byte, low nibble first
+                    packed = tl.load(row[:, None] + d[None, :] // 2, mask=tile_mask, other=0)
+                    codes = (packed >> ((d[None, :] % 2) * 4).to(tl.uint8)) & 15
+                values = codes.to(tl.float32) * scale[:, None] + bias[:, None]
+        if POOLING == 2:
+            acc = tl.maximum(acc, tl.max(tl.where(tile_mask, values, float("-inf")), axis=0))
+        else:
+            if HAS_WEIGHTS:
+                weight = tl.load(weights_ptr + position, mask=valid, other=0.0)
+            else:
+                weight = valid.to(tl.float32)
+            acc += tl.sum(tl.where(tile_mask, values * weight[:, None], 0.0), axis=0)
+    if POOLING == 1:
+        acc = acc / tl.maximum(count, 1).to(tl.float32)
+    acc = tl.where(count > 0, acc, 0.0)  # an empty (or all-padding) bag gives zeros
+    tl.store(out_ptr + bag.to(tl.int64) * total_dim + column + d, acc, mask=d_mask)
+
+
+def _prepare(batch):
+    """The per-table `meta` rows (offsets from the first table's storage), built once per batch."""
+    with batch.lock:
+        prepared = batch.prepared.get("triton")
+        if prepared is None:
+            base = batch.tables[0].data
+            base_address = base.data_ptr()
+            rows_meta, buffers, column, flags, row_align, dim_multiple = [], [], 0, 0, 16, 16
+            for table in batch.tables:
+                rows, dim = table.shape
+                data = table.data.contiguous()
+                code = DTYPE_CODES[table.dtype]
+                scale = bias = data
+                if table.scale is not None:
+                    scale, bias = table.scale.contiguous(), table.bias.contiguous()
+                row_bytes = data.stride(0) * data.element_size() if rows else 0
+                buffers += [data, scale, bias]
+                offsets = [p.data_ptr() - base_address for p in (data, scale, bias)]
+                row_align = math.gcd(row_align, row_bytes, offsets[0])
+                dim_multiple = math.gcd(dim_multiple, dim)
+                rows_meta.append(offsets + [code, rows, dim, row_bytes, column])
+                column += dim
+                flags |= 1 << code
+            meta = torch.tensor(rows_meta, dtype=torch.int64, device=base.device)
+            # `buffers` keeps every buffer whose address is in `meta` alive.
+            prepared = batch.prepared["triton"] = (meta, base.view(-1).view(torch.uint8), column, flags,
+                                                   max(batch.dims), row_align, dim_multiple, buffers)
+    return prepared
+
+
+def lookup(batch, indices, offsets, bags_per_table, pooling, per_sample_weights, bounds):
+    """Same contract as reference.lookup, on torch tensors: float32 (B, sum of D_t) on their device.
+
+    Out-of-range indices are padding in both bounds modes (with bounds="error" the dispatcher
+    has already rejected them).
+    """
+    meta, base, total_dim, flags, max_dim, row_align, dim_multiple, _ = _prepare(batch)
+    assert indices.device == base.device and offsets.device == base.device, "inputs must be on the tables' device"
+    assert indices.is_contiguous() and offsets.is_contiguous()
+    out = torch.empty((bags_per_table, total_dim), dtype=torch.float32, device=base.device)
+    if bags_per_table == 0 or total_dim == 0:
+        return out
+    weights = per_sample_weights if per_sample_weights is not None else out
+    grid = lambda config: (batch.num_tables * bags_per_table, triton.cdiv(max_dim, config["BLOCK_D"]))  # noqa: E731
+    _lookup_kernel[grid](base, meta, indices, offsets, weights, out, bags_per_table, total_dim,
+                         max_dim, flags, POOLING_CODES[pooling], per_sample_weights is not None, row_align, dim_multiple)
+    return out

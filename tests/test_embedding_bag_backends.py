@@ -1,0 +1,237 @@
+"""embedding_bag / TableBatch.lookup: the cpu and triton backends against the reference.
+
+Bags are random with skewed sizes (most short, a few long), padding (-1) and empty bags;
+the triton backend runs under TRITON_INTERPRET=1 on small shapes when there is no GPU.
+"""
+import threading
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from recscore.kernels import TableBatch, embedding_bag, quantize_rows, use_backend
+
+ROW_DTYPES = ("fp32", "fp16", "bf16", "int8", "int4")
+POOLINGS = ("sum", "mean", "max")
+
+
+def make_table(rng, rows, dim, dtype):
+    return quantize_rows(rng.standard_normal((rows, dim)).astype(np.float32), dtype)
+
+
+def make_bags(rng, rows_per_table, bags, *, max_len=40, index_dtype=np.int64, padding=0.1, out_of_range=0.0):
+    """Table-major bags with skewed (geometric) sizes: indices, offsets (T*B + 1)."""
+    lengths = np.minimum(rng.geometric(0.25, len(rows_per_table) * bags) - 1, max_len)
+    lengths[rng.random(lengths.shape) < 0.1] = 0  # some empty bags
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    indices = np.empty(offsets[-1], np.int64)
+    for t, rows in enumerate(rows_per_table):
+        start, end = offsets[t * bags], offsets[(t + 1) * bags]
+        part = rng.integers(0, rows, end - start)
+        part[rng.random(part.shape) < padding] = -1
+        bad = rng.random(part.shape) < out_of_range
+        part[bad] = rng.choice([-7, -2, rows, rows + 3], bad.sum())
+        indices[start:end] = part
+    return indices.astype(index_dtype), offsets
+
+
+def run(backend, tables, indices, offsets, **options):
+    with use_backend(backend):
+        return TableBatch(tables).lookup(indices, offsets, **options)
+
+
+def tolerance(tables):
+    # fp32 accumulation against the reference's float64; a larger D sums more rounding.
+    return 2e-5 * max(8, max(t.shape[1] for t in tables)) ** 0.5
+
+
+def check_cpu(tables, indices, offsets, **options):
+    indices_before, offsets_before = indices.copy(), offsets.copy()
+    weights = options.get("per_sample_weights")
+    weights_before = None if weights is None else weights.copy()
+    data_before = [t.data.copy() for t in tables]
+    want = run("reference", tables, indices, offsets, **options)
+    got = run("cpu", tables, indices, offsets, **options)
+    assert got.dtype == np.float32 and got.shape == want.shape
+    np.testing.assert_allclose(got, want, rtol=tolerance(tables), atol=tolerance(tables))
+    assert np.array_equal(indices, indices_before) and np.array_equal(offsets, offsets_before)
+    assert weights is None or np.array_equal(weights, weights_before)
+    assert all(np.array_equal(t.data, before) for t, before in zip(tables, data_before))
+    return got
+
+
+def every_option(rng, tables, bags, index_dtype=np.int64):
+    """Each pooling, weighted sum, and bounds="skip" with out-of-range indices."""
+    rows = [t.shape[0] for t in tables]
+    indices, offsets = make_bags(rng, rows, bags, index_dtype=index_dtype)
+    for pooling in POOLINGS:
+        yield indices, offsets, dict(pooling=pooling)
+    weights = rng.standard_normal(len(indices)).astype(np.float32)
+    yield indices, offsets, dict(per_sample_weights=weights)
+    skip_indices, skip_offsets = make_bags(rng, rows, bags, index_dtype=index_dtype, out_of_range=0.2)
+    for pooling in POOLINGS:
+        yield skip_indices, skip_offsets, dict(pooling=pooling, bounds="skip")
+
+
+# --------------------------------------------------------------------------------------------
+# cpu
+# --------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", ROW_DTYPES)
+@pytest.mark.parametrize("dim", [1, 3, 16, 48, 64, 129, 1000])
+def test_cpu_every_option(rng, dtype, dim):
+    tables = [make_table(rng, 300, dim, dtype)]
+    for index_dtype in (np.int64, np.int32):
+        for indices, offsets, options in every_option(rng, tables, 37, index_dtype):
+            check_cpu(tables, indices, offsets, **options)
+
+
+@pytest.mark.parametrize("dtype", ROW_DTYPES)
+def test_cpu_one_row_and_many_rows(rng, dtype):
+    for rows, dim in [(1, 5), (200_000, 16)]:
+        tables = [make_table(rng, rows, dim, dtype)]
+        for indices, offsets, options in every_option(rng, tables, 300):
+            check_cpu(tables, indices, offsets, **options)
+
+
+def test_cpu_mixed_table_batch(rng):
+    """All dtypes and widths in one batch, skewed bag sizes (a few bags of thousands)."""
+    specs = [(1000, 64, "fp32"), (1, 3, "int8"), (5000, 129, "int4"), (77, 16, "fp16"), (300, 48, "bf16"),
+             (20, 1, "fp32"), (900, 1000, "int8")]
+    tables = [make_table(rng, rows, dim, dtype) for rows, dim, dtype in specs]
+    for indices, offsets, options in every_option(rng, tables, 64):
+        got = check_cpu(tables, indices, offsets, **options)
+        assert got.shape == (64, sum(dim for _, dim, _ in specs))
+    # Heavy skew: one bag holds most of the indices.
+    rows = [t.shape[0] for t in tables]
+    indices, offsets = make_bags(rng, rows, 50)
+    lengths = np.diff(offsets)
+    lengths[3] = 5000
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    indices = np.concatenate([rng.integers(0, r, offsets[(t + 1) * 50] - offsets[t * 50])
+                              for t, r in enumerate(rows)]).astype(np.int64)
+    check_cpu(tables, indices, offsets, pooling="mean")
+
+
+def test_cpu_no_bags_and_only_empty_bags(rng):
+    tables = [make_table(rng, 10, 4, "fp32"), make_table(rng, 10, 6, "int4")]
+    out = check_cpu(tables, np.zeros(0, np.int64), np.zeros(1, np.int64))
+    assert out.shape == (0, 10)
+    for pooling in POOLINGS:
+        out = check_cpu(tables, np.zeros(0, np.int64), np.zeros(2 * 5 + 1, np.int64), pooling=pooling)
+        assert out.shape == (5, 10) and not out.any()
+        padding_only = np.full(6, -1, np.int64)
+        out = check_cpu(tables, padding_only, np.array([0, 0, 0, 3, 3, 6, 6], np.int64), pooling=pooling)
+        assert not out.any()
+
+
+def test_cpu_torch_tensors(rng):
+    table = rng.standard_normal((50, 8)).astype(np.float32)
+    indices, offsets = make_bags(rng, [50], 9)
+    with use_backend("reference"):
+        want = embedding_bag(table, indices, offsets)
+    with use_backend("cpu"):
+        got = embedding_bag(torch.from_numpy(table), torch.from_numpy(indices), torch.from_numpy(offsets))
+    assert isinstance(got, torch.Tensor) and got.dtype == torch.float32
+    np.testing.assert_allclose(got.numpy(), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype,limit", [("int8", 0.01), ("int4", 0.10)])
+def test_quantized_pooled_error_vs_float_table(rng, dtype, limit):
+    weights = rng.standard_normal((5000, 64)).astype(np.float32)
+    indices, offsets = make_bags(rng, [5000], 512, padding=0.0)
+    with use_backend("cpu"):
+        exact = embedding_bag(weights, indices, offsets)
+        pooled = embedding_bag(quantize_rows(weights, dtype), indices, offsets)
+    relative_l2 = np.linalg.norm(pooled - exact) / np.linalg.norm(exact)
+    assert relative_l2 < limit
+
+
+def test_cpu_errors_name_bag_and_position(rng):
+    table = make_table(rng, 10, 4, "int8")
+    indices = np.array([1, 2, 3, 10, 4], np.int64)
+    offsets = np.array([0, 2, 5], np.int64)
+    for backend in ("reference", "cpu"):
+        with use_backend(backend), pytest.raises(IndexError, match=r"bag 1, position 1"):
+            embedding_bag(table, indices, offsets)
+        with use_backend(backend):
+            embedding_bag(table, indices, offsets, bounds="skip")
+
+
+def test_cpu_concurrent_calls(rng):
+    tables = [make_table(rng, 2000, 32, "fp32"), make_table(rng, 500, 17, "int4")]
+    batch = TableBatch(tables)  # one batch shared by every thread: its prepared layout too
+    cases = [make_bags(rng, [2000, 500], 64, index_dtype=dtype) for dtype in (np.int64, np.int32) * 3]
+    with use_backend("reference"):
+        want = [batch.lookup(i, o, pooling="mean") for i, o in cases]
+    failures = []
+
+    def work(k):
+        indices, offsets = cases[k]
+        with use_backend("cpu"):
+            for _ in range(20):
+                if not np.allclose(batch.lookup(indices, offsets, pooling="mean"), want[k], rtol=1e-4, atol=1e-5):
+                    failures.append(k)
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(len(cases))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not failures
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), dims=st.lists(st.integers(1, 70), min_size=1, max_size=4),
+       dtypes=st.lists(st.sampled_from(ROW_DTYPES), min_size=4, max_size=4),
+       bags=st.integers(0, 20), pooling=st.sampled_from(POOLINGS), bounds=st.sampled_from(("error", "skip")))
+def test_cpu_matches_reference_property(seed, dims, dtypes, bags, pooling, bounds):
+    rng = np.random.default_rng(seed)
+    tables = [make_table(rng, int(rng.integers(1, 60)), dim, dtype) for dim, dtype in zip(dims, dtypes)]
+    indices, offsets = make_bags(rng, [t.shape[0] for t in tables], bags,
+                                 out_of_range=0.2 if bounds == "skip" else 0.0)
+    check_cpu(tables, indices, offsets, pooling=pooling, bounds=bounds)
+
+
+# --------------------------------------------------------------------------------------------
+# triton (interpreter on CPU tensors when there is no GPU: small shapes)
+# --------------------------------------------------------------------------------------------
+
+def check_triton(device, tables, indices, offsets, **options):
+    want = run("reference", tables, indices, offsets, **options)
+    on_device = [t.to(device) for t in tables]
+    to_device = lambda a: torch.from_numpy(a).to(device)  # noqa: E731
+    weights = options.pop("per_sample_weights", None)
+    if weights is not None:
+        options["per_sample_weights"] = to_device(weights)
+    indices_t, offsets_t = to_device(indices), to_device(offsets)
+    got = run("triton", on_device, indices_t, offsets_t, **options)
+    assert got.dtype == torch.float32 and tuple(got.shape) == want.shape and got.device.type == device
+    np.testing.assert_allclose(got.cpu().numpy(), want, rtol=tolerance(tables), atol=tolerance(tables))
+    assert np.array_equal(indices_t.cpu().numpy(), indices) and np.array_equal(offsets_t.cpu().numpy(), offsets)
+
+
+@pytest.mark.parametrize("dtype", ROW_DTYPES)
+def test_triton_every_option(rng, triton_device, dtype):
+    tables = [make_table(rng, 40, 3, dtype), make_table(rng, 1, 16, dtype), make_table(rng, 60, 48, dtype)]
+    for index_dtype in (np.int64, np.int32):
+        for indices, offsets, options in every_option(rng, tables, 5, index_dtype):
+            check_triton(triton_device, tables, indices, offsets, **options)
+
+
+def test_triton_mixed_batch_wide_and_narrow_rows(rng, triton_device):
+    specs = [(30, 1, "fp32"), (20, 129, "int4"), (25, 64, "bf16"), (9, 1000, "int8"), (11, 16, "fp16")]
+    tables = [make_table(rng, rows, dim, dtype) for rows, dim, dtype in specs]
+    indices, offsets = make_bags(rng, [rows for rows, _, _ in specs], 3, max_len=6)
+    for pooling in POOLINGS:
+        check_triton(triton_device, tables, indices, offsets, pooling=pooling)
+
+
+def test_triton_no_bags_and_empty_bags(rng, triton_device):
+    tables = [make_table(rng, 10, 4, "fp32"), make_table(rng, 10, 6, "int8")]
+    check_triton(triton_device, tables, np.zeros(0, np.int64), np.zeros(1, np.int64))
+    for pooling in POOLINGS:
+        check_triton(triton_device, tables, np.array([-1, -1], np.int64), np.array([0, 0, 2, 2, 2], np.int64),
+                     pooling=pooling)
