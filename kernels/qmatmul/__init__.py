@@ -1,11 +1,149 @@
-# Transitional: replaced by the quantized-matmul work (issue 5) in this session.
+"""Quantized matrices and matmul against them: `quantize_matrix`, `QuantizedMatrix`, `qmatmul`.
+
+Backends get validated inputs:
+  reference/cpu: matmul(x, qm) with x a C-contiguous float32 NumPy (M, in); take(qm, rows) with
+                 rows int64 NumPy; both return float32 NumPy.
+  triton:        matmul(x, qm) with x a float torch tensor (M, in) on a CUDA device (or the CPU
+                 under TRITON_INTERPRET=1); returns float32 (M, out) on x's device.
+"""
+import importlib
+import threading
+
+import numpy as np
+
+from .._backend import bf16_bits_to_float32, choose_backend, like, to_numpy, to_numpy_float32, warn_once
+from .._validate import FLOAT_DTYPES, INDEX_DTYPES, check_array, check_choice, check_finite
+from . import reference
+
+QUANT_FORMATS = ("int8", "int4")
+# gguf.GGMLQuantizationType names -> our format names.
+GGUF_FORMATS = {"F32": "f32", "F16": "f16", "Q8_0": "q8_0", "Q5_0": "q5_0", "Q4_K": "q4_k", "Q6_K": "q6_k"}
+
+
 class QuantizedMatrix:
-    pass
+    """An (out, in) float matrix stored quantized, rows along `out`.
+
+    data:   GGUF formats: uint8 (out, bytes per row), the file's blocks unchanged (a view of the
+            memory-mapped file when read with gguf.GGUFReader); int8: int8 codes (out, in);
+            int4: uint8 (out, in/2), see reference.py for the nibble order.
+    scales: float32 (out, in/group_size) for int8/int4, else None.
+    group_size: weights per block (32 or 256 for GGUF block formats, 1 for f32/f16).
+    Storage stays on the host, read-only; backends keep derived layouts (device copies) in
+    `prepared`, built once under `lock`.
+    """
+
+    def __init__(self, fmt, shape, data, scales=None, group_size=1):
+        self.fmt = fmt
+        self.shape = (int(shape[0]), int(shape[1]))
+        self.data = _read_only(data)
+        self.scales = None if scales is None else _read_only(scales)
+        self.group_size = int(group_size)
+        self.prepared = {}
+        self.lock = threading.Lock()
+
+    @classmethod
+    def from_gguf(cls, tensor):
+        """A gguf.ReaderTensor of type F32, F16, Q8_0, Q5_0, Q4_K or Q6_K, without copying its bytes.
+
+        in_features is the tensor's row length ne[0]; the other dimensions are flattened into
+        out_features (a 1-D tensor is one row).
+        """
+        type_name = getattr(getattr(tensor, "tensor_type", None), "name", None)
+        if type_name is None or not hasattr(tensor, "data"):
+            raise TypeError(f"tensor must be a gguf.ReaderTensor, got {type(tensor).__name__}")
+        if type_name not in GGUF_FORMATS:
+            raise ValueError(f"tensor {tensor.name!r} has GGUF type {type_name}; supported: {tuple(GGUF_FORMATS)}")
+        fmt = GGUF_FORMATS[type_name]
+        ne = [int(n) for n in tensor.shape]
+        in_features = ne[0]
+        out_features = int(np.prod(ne[1:], dtype=np.int64))
+        weights_per_block, block_bytes = reference.GGUF_BLOCKS[fmt]
+        if in_features % weights_per_block:
+            raise ValueError(f"tensor {tensor.name!r}: row length {in_features} is not a multiple of the "
+                             f"{type_name} block ({weights_per_block})")
+        raw = np.asarray(tensor.data).view(np.uint8)   # drops the memmap subclass, keeps the bytes
+        row_bytes = in_features // weights_per_block * block_bytes
+        if raw.size != out_features * row_bytes:
+            raise ValueError(f"tensor {tensor.name!r}: {raw.size} bytes, expected {out_features * row_bytes}")
+        return cls(fmt, (out_features, in_features), raw.reshape(out_features, row_bytes),
+                   group_size=weights_per_block)
+
+    @property
+    def nbytes(self):
+        return int(self.data.nbytes + (0 if self.scales is None else self.scales.nbytes))
+
+    def dequantize(self):
+        """float32 (out, in) NumPy; for GGUF formats equal to gguf.quants.dequantize."""
+        return _cpu_module("take")(self, None)
+
+    def take(self, rows):
+        """float32 (len(rows), in): the selected rows dequantized (an embedding lookup).
+
+        rows: 1-D int32/int64 (NumPy or tensor); the result is the same kind of array.
+        """
+        kind = check_array("rows", rows, 1, INDEX_DTYPES)
+        host = np.ascontiguousarray(to_numpy(rows)).astype(np.int64, copy=False)
+        if host.size and (host.min() < 0 or host.max() >= self.shape[0]):
+            bad = int(np.flatnonzero((host < 0) | (host >= self.shape[0]))[0])
+            raise IndexError(f"rows[{bad}] = {int(host[bad])} is out of range for a matrix of {self.shape[0]} rows")
+        out = _cpu_module("take")(self, host)
+        return like(out, kind, rows.device if kind == "cuda" else None)
+
+    def __repr__(self):
+        return f"QuantizedMatrix(fmt={self.fmt!r}, shape={self.shape}, nbytes={self.nbytes})"
+
+
+def _read_only(array):
+    view = np.asarray(array).view()
+    view.flags.writeable = False
+    return view
+
+
+def _backend_module(name):
+    return importlib.import_module(f".{name}", __name__)
+
+
+def _cpu_module(op):
+    """take/dequantize run on the host: the forced backend if it is a host one, else cpu."""
+    backend = choose_backend("numpy")
+    return getattr(_backend_module("reference" if backend == "reference" else "cpu"), op)
 
 
 def quantize_matrix(weight, fmt, *, group_size=32):
-    raise NotImplementedError
+    """Store a float (out, in) matrix as group-wise symmetric "int8" or "int4" (see reference.py)."""
+    check_choice("fmt", fmt, QUANT_FORMATS)
+    check_array("weight", weight, 2, FLOAT_DTYPES)
+    if isinstance(group_size, bool) or not isinstance(group_size, (int, np.integer)) or group_size < 1:
+        raise ValueError(f"group_size must be a positive integer, got {group_size!r}")
+    if fmt == "int4" and group_size % 2:
+        raise ValueError(f"group_size must be even for int4 (two codes a byte), got {group_size}")
+    out_features, in_features = weight.shape
+    if in_features % group_size:
+        raise ValueError(f"weight has {in_features} columns (in_features), not a multiple of group_size={group_size}")
+    check_finite("weight", weight)
+    host = to_numpy(weight)
+    if host.dtype == np.uint16:  # bf16 bits
+        host = bf16_bits_to_float32(host)
+    codes, scales = reference.quantize(host, fmt, int(group_size))
+    return QuantizedMatrix(fmt, weight.shape, codes, scales, group_size)
 
 
 def qmatmul(x, qm):
-    raise NotImplementedError
+    """x float (M, in) -> float32 (M, out) = x @ W.T, accumulated in float32, as x's kind of array."""
+    if not isinstance(qm, QuantizedMatrix):
+        raise TypeError(f"qm must be a QuantizedMatrix, got {type(qm).__name__}")
+    kind = check_array("x", x, 2, FLOAT_DTYPES)
+    if x.shape[1] != qm.shape[1]:
+        raise ValueError(f"x has shape {tuple(x.shape)} but the matrix {qm!r} has in_features {qm.shape[1]}: "
+                         f"x must be (M, {qm.shape[1]})")
+    check_finite("x", x)
+    device = x.device if kind == "cuda" else None
+    backend = choose_backend(kind)
+    if backend == "triton":
+        triton_backend = _backend_module("triton")
+        if qm.fmt in triton_backend.FORMATS:
+            return triton_backend.matmul(x.detach().contiguous(), qm)
+        warn_once(f"qmatmul-triton-{qm.fmt}", f"qmatmul has no Triton kernel for {qm.fmt}: it runs on the CPU kernels")
+        backend = "cpu"
+    out = _backend_module(backend).matmul(to_numpy_float32(x), qm)
+    return like(out, kind, device)
