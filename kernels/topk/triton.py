@@ -1,0 +1,150 @@
+"""Similarity top-k on the GPU (Triton), in two stages.
+
+Stage 1 (`_partial_topk_kernel`): a program owns BLOCK_Q queries and one split of the
+corpus; for each BLOCK_N-row tile it scores the tile with `tl.dot` over BLOCK_D slices,
+turns scores into int64 keys `(order(score) << 32) | (0xFFFFFFFF - id)` (so ties go to
+the smaller id, as on the CPU), takes the tile's best K_PAD with `tl.topk` and merges
+them into its running best K_PAD in registers (bitonic: max(best, reversed(candidates)),
+then a sort). Stage 2: `torch.topk` over the splits' candidates of each query.
+Exclusions are a per-query bitmap (one bit per corpus row) built on the device.
+int8 rows are scored on their codes: scale * (codes . q) + bias * sum(q).
+"""
+import torch
+import triton
+import triton.language as tl
+
+from .._backend import triton_interpreted, warn_once
+from . import reference
+
+IP, COSINE, L2 = 0, 1, 2
+METRIC_CODES = {"ip": IP, "cosine": COSINE, "l2": L2}
+# The key of score -inf with id 0: every finite score's key is above it. Excluded and
+# out-of-range entries get this key and come out as padding.
+FLOOR_KEY = ((-2139095041) << 32) | 0xFFFFFFFF
+BLOCK_Q = 16
+
+
+@triton.jit
+def _partial_topk_kernel(q_ptr, q_sq_ptr, q_sum_ptr, x_ptr, scale_ptr, bias_ptr, excl_ptr, out_ptr, bad_ptr,
+                         B, N, D, tiles_per_split, n_splits, words_per_query,
+                         METRIC: tl.constexpr, QUANTIZED: tl.constexpr, HAS_EXCLUDE: tl.constexpr,
+                         BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                         K_PAD: tl.constexpr):
+    pid_q = tl.program_id(0)
+    split = tl.program_id(1)
+    rq = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    q_ok = rq < B
+    q_sq = tl.load(q_sq_ptr + rq, mask=q_ok, other=0.0)
+    q_sum = tl.load(q_sum_ptr + rq, mask=q_ok, other=0.0)
+    floor = tl.full((BLOCK_Q, BLOCK_N), FLOOR_KEY, tl.int64)
+    best = tl.full((BLOCK_Q, K_PAD), FLOOR_KEY, tl.int64)
+    bad = tl.zeros((BLOCK_Q, BLOCK_N), tl.int32)
+    n_tiles = tl.cdiv(N, BLOCK_N)
+    for t in range(split * tiles_per_split, tl.minimum((split + 1) * tiles_per_split, n_tiles)):
+        rn = t * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = rn < N
+        dots = tl.zeros((BLOCK_Q, BLOCK_N), tl.float32)
+        x_sq = tl.zeros((BLOCK_N,), tl.float32)
+        if QUANTIZED:  # rows are codes * scale + bias
+            s = tl.load(scale_ptr + rn, mask=n_ok, other=0.0)
+            b = tl.load(bias_ptr + rn, mask=n_ok, other=0.0)
+        for d0 in range(0, D, BLOCK_D):
+            rd = d0 + tl.arange(0, BLOCK_D)
+            d_ok = rd < D
+            q = tl.load(q_ptr + rq[:, None] * D + rd[None, :], mask=q_ok[:, None] & d_ok[None, :], other=0.0)
+            x = tl.load(x_ptr + rn[:, None] * D + rd[None, :], mask=n_ok[:, None] & d_ok[None, :], other=0)
+            x = x.to(tl.float32)
+            dots = tl.dot(q, tl.trans(x), dots, input_precision="ieee")
+            if METRIC != IP:
+                if QUANTIZED:  # |x|^2 term by term: the expansion in sum(c), sum(c^2) cancels badly
+                    values = tl.where(d_ok[None, :], x * s[:, None] + b[:, None], 0.0)
+                    x_sq += tl.sum(values * values, axis=1)
+                else:
+                    x_sq += tl.sum(x * x, axis=1)
+        if QUANTIZED:
+            dots = s[None, :] * dots + b[None, :] * q_sum[:, None]
+        if METRIC == IP:
+            score = dots
+        elif METRIC == COSINE:
+            denom = tl.sqrt(x_sq)[None, :] * tl.sqrt(q_sq)[:, None]
+            score = tl.where(denom > 0, dots / tl.where(denom > 0, denom, 1.0), 0.0)
+        else:  # l2, negated so that larger is better
+            score = -tl.maximum(x_sq[None, :] - 2.0 * dots + q_sq[:, None], 0.0)
+        score = score + 0.0  # -0.0 -> +0.0: one key per value
+        valid = q_ok[:, None] & n_ok[None, :]
+        bad |= (valid & ((score != score) | (tl.abs(score) == float("inf")))).to(tl.int32)
+        if HAS_EXCLUDE:
+            words = tl.load(excl_ptr + rq[:, None] * words_per_query + (rn[None, :] >> 6), mask=valid, other=0)
+            valid = valid & (((words >> (rn[None, :] & 63).to(tl.int64)) & 1) == 0)
+        bits = score.to(tl.int32, bitcast=True)
+        order = bits ^ ((bits >> 31) & 0x7FFFFFFF)
+        keys = (order.to(tl.int64) << 32) | (4294967295 - rn.to(tl.int64))[None, :]
+        keys = tl.where(valid, keys, floor)
+        candidates = tl.topk(keys, K_PAD, dim=1)
+        best = tl.sort(tl.maximum(best, tl.flip(candidates, 1)), dim=1, descending=True)
+    rk = tl.arange(0, K_PAD)
+    tl.store(out_ptr + (rq[:, None] * n_splits + split) * K_PAD + rk[None, :], best, mask=q_ok[:, None])
+    tl.store(bad_ptr + pid_q * n_splits + split, tl.max(tl.max(bad, axis=1), axis=0))
+
+
+def _exclusion_bitmap(exclude, B, N, device):
+    """(B, ceil(N/64)) int64 words, bit (id & 63) of word id >> 6 set for each excluded id."""
+    indptr, ids = (torch.from_numpy(a).to(device) for a in exclude)
+    words = (N + 63) // 64
+    query = torch.repeat_interleave(torch.arange(B, device=device), indptr[1:] - indptr[:-1])
+    flat = torch.unique(query * N + ids)  # a repeated id would carry into the next bit
+    query, ids = flat // max(N, 1), flat % max(N, 1)
+    bitmap = torch.zeros(B * words, dtype=torch.int64, device=device)
+    bitmap.scatter_add_(0, query * words + (ids >> 6), torch.bitwise_left_shift(torch.ones_like(ids), ids & 63))
+    return bitmap.view(B, words), words
+
+
+def topk(queries, corpus, k, metric, exclude):
+    """queries float torch (B, d); corpus a RowTable; exclude None or host int64 (indptr, ids)."""
+    device = queries.device
+    if corpus.dtype == "int4":
+        warn_once("topk-triton-int4", "topk has no Triton kernel for int4 rows: they are searched on the host")
+        scores, ids = reference.topk(queries.float().cpu().numpy(), corpus.numpy(), k, metric, exclude)
+        return torch.from_numpy(scores).to(device), torch.from_numpy(ids).to(device)
+    if corpus.kind == "numpy" or corpus.device != device:
+        corpus = corpus.to(device)
+    B, D = queries.shape
+    N = corpus.shape[0]
+    queries = queries.to(torch.float32).contiguous()
+    q_sq = (queries * queries).sum(1)
+    q_sum = queries.sum(1)
+    k_pad = max(16, triton.next_power_of_2(k))
+    block_n = max(64, k_pad)
+    block_d = min(64, max(16, triton.next_power_of_2(D)))
+    n_tiles = triton.cdiv(N, block_n)
+    n_qblocks = triton.cdiv(B, BLOCK_Q)
+    programs = 2 if triton_interpreted() else 4 * torch.cuda.get_device_properties(device).multi_processor_count
+    n_splits = max(1, min(n_tiles, triton.cdiv(programs, max(n_qblocks, 1))))
+    tiles_per_split = triton.cdiv(n_tiles, n_splits)
+    candidates = torch.empty((B, n_splits, k_pad), dtype=torch.int64, device=device)
+    bad = torch.zeros(n_qblocks * n_splits, dtype=torch.int32, device=device)
+    if exclude is None:
+        bitmap, words = candidates, 0  # not read
+    else:
+        bitmap, words = _exclusion_bitmap(exclude, B, N, device)
+    quantized = corpus.dtype == "int8"
+    scale = corpus.scale if quantized else q_sq
+    bias = corpus.bias if quantized else q_sq
+    if B > 0:
+        _partial_topk_kernel[(n_qblocks, n_splits)](
+            queries, q_sq, q_sum, corpus.data, scale, bias, bitmap, candidates, bad,
+            B, N, D, tiles_per_split, n_splits, words,
+            METRIC=METRIC_CODES[metric], QUANTIZED=quantized, HAS_EXCLUDE=exclude is not None,
+            BLOCK_Q=BLOCK_Q, BLOCK_N=block_n, BLOCK_D=block_d, K_PAD=k_pad)
+        if bool(bad.any()):
+            raise ValueError("corpus contains NaN or inf (a score came out non-finite)")
+    keys = torch.topk(candidates.view(B, n_splits * k_pad), k, dim=1).values
+    order = (keys >> 32).to(torch.int32)
+    values = (order ^ ((order >> 31) & 0x7FFFFFFF)).view(torch.float32)
+    ids = 4294967295 - (keys & 4294967295)
+    padding = keys <= FLOOR_KEY
+    if metric == "l2":
+        scores = torch.where(padding, float("inf"), 0.0 - values)
+    else:
+        scores = torch.where(padding, float("-inf"), values)
+    return scores, torch.where(padding, -1, ids)

@@ -1,0 +1,270 @@
+"""topk backends ("cpu", "triton") against the reference: ids, scores, ties, padding, exclusions."""
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from recscore.kernels import quantize_rows, topk, use_backend
+from recscore.kernels.topk.reference import score_block
+
+MOVIELENS = Path(__file__).resolve().parents[2] / "shared" / "data" / "ml-latest-small"
+
+
+def reference_topk(queries, corpus, k, metric="ip", exclude=None):
+    with use_backend("reference"):
+        return topk(queries, corpus, k, metric=metric, exclude=exclude)
+
+
+def cpu_topk(queries, corpus, k, metric="ip", exclude=None):
+    with use_backend("cpu"):
+        return topk(queries, corpus, k, metric=metric, exclude=exclude)
+
+
+def triton_topk(queries, corpus, k, metric="ip", exclude=None, device="cpu"):
+    table = torch.from_numpy(corpus).to(device) if isinstance(corpus, np.ndarray) else corpus.to(device)
+    with use_backend("triton"):
+        scores, ids = topk(torch.from_numpy(queries).to(device), table, k, metric=metric, exclude=exclude)
+    return scores.cpu().numpy(), ids.cpu().numpy()
+
+
+def integer_data(rng, n, d, low=-3, high=4):
+    """Small integers: every product and sum is exact in float32, and ties are common."""
+    return rng.integers(low, high, (n, d)).astype(np.float32)
+
+
+def random_exclusions(rng, n_queries, n_rows, most):
+    """A CSR of unsorted, repeated ids per query, from none up to `most` of the rows."""
+    lists = [rng.integers(0, n_rows, rng.integers(0, most + 1)) if n_rows else np.zeros(0, np.int64)
+             for _ in range(n_queries)]
+    indptr = np.concatenate([[0], np.cumsum([len(x) for x in lists])]).astype(np.int64)
+    return indptr, np.concatenate(lists + [np.zeros(0)]).astype(np.int64)
+
+
+def assert_close_topk(got, want, queries, corpus, metric, exclude=None, atol=1e-4):
+    """Equal up to near-ties: each rank's score (recomputed exactly for the id we returned)
+    matches the reference's score at that rank, ids are distinct, allowed, and padding agrees."""
+    (got_s, got_i), (want_s, want_i) = got, want
+    assert got_s.dtype == np.float32 and got_i.dtype == np.int64 and got_s.shape == want_s.shape
+    np.testing.assert_array_equal(got_i < 0, want_i < 0)
+    np.testing.assert_allclose(got_s, want_s, rtol=1e-4, atol=atol)
+    rows = corpus.dequantize() if hasattr(corpus, "dequantize") else corpus
+    for q in range(len(got_i)):
+        ids = got_i[q][got_i[q] >= 0]
+        assert len(set(ids.tolist())) == len(ids)
+        if exclude is not None:
+            assert not set(ids.tolist()) & set(exclude[1][exclude[0][q]:exclude[0][q + 1]].tolist())
+        exact = score_block(queries[q].astype(np.float64), rows[ids].astype(np.float64), metric)
+        np.testing.assert_allclose(exact, want_s[q][:len(ids)], rtol=1e-4, atol=atol)
+
+
+# ---- CPU --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", ["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("metric", ["ip", "l2"])
+@pytest.mark.parametrize("d", [1, 3, 64, 384, 1000])
+def test_cpu_exact_on_integer_data(rng, dtype, metric, d):
+    """Integer-valued data: ids and scores equal the reference's exactly, ties included."""
+    n = 1100 if d < 384 else 300  # several 512-row tiles for small d
+    corpus = quantize_rows(integer_data(rng, n, d), dtype)
+    for B, k in [(1, 10), (5, 1), (37, 64), (3, n), (2, n + 7)]:
+        queries = integer_data(rng, B, d)
+        got = cpu_topk(queries, corpus, k, metric)
+        want = reference_topk(queries, corpus, k, metric)
+        np.testing.assert_array_equal(got[1], want[1])
+        np.testing.assert_array_equal(got[0], want[0])
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "fp16", "bf16", "int8", "int4"])
+@pytest.mark.parametrize("metric", ["ip", "cosine", "l2"])
+def test_cpu_close_on_random_data(rng, dtype, metric):
+    corpus = quantize_rows(rng.standard_normal((1500, 24)).astype(np.float32), dtype)
+    queries = rng.standard_normal((41, 24)).astype(np.float32)
+    exclude = random_exclusions(rng, 41, 1500, 600)
+    got = cpu_topk(queries, corpus, 50, metric, exclude)
+    assert_close_topk(got, reference_topk(queries, corpus, 50, metric, exclude), queries, corpus, metric, exclude)
+
+
+@pytest.mark.parametrize("metric", ["ip", "cosine", "l2"])
+def test_cpu_exclusions_heavy_and_empty(rng, metric):
+    corpus = integer_data(rng, 2000, 8)
+    queries = integer_data(rng, 6, 8)
+    lists = [np.arange(2000), np.zeros(0), rng.permutation(2000)[:1990], np.array([5, 5, 5, 1999, 0]),
+             np.arange(0, 2000, 2), np.zeros(0)]
+    indptr = np.concatenate([[0], np.cumsum([len(x) for x in lists])]).astype(np.int64)
+    exclude = (indptr, np.concatenate(lists).astype(np.int64))
+    got = cpu_topk(queries, corpus, 20, metric, exclude)
+    want = reference_topk(queries, corpus, 20, metric, exclude)
+    if metric == "cosine":
+        assert_close_topk(got, want, queries, corpus, metric, exclude)
+    else:
+        np.testing.assert_array_equal(got[1], want[1])
+        np.testing.assert_array_equal(got[0], want[0])
+    assert (got[1][0] == -1).all() and (got[1][2][10:] == -1).all()
+    empty = (np.zeros(7, np.int64), np.zeros(0, np.int64))
+    np.testing.assert_array_equal(cpu_topk(queries, corpus, 20, metric, empty)[1],
+                                  cpu_topk(queries, corpus, 20, metric)[1])
+
+
+def test_cpu_edge_shapes(rng):
+    corpus = integer_data(rng, 1, 4)
+    for metric, fill in [("ip", -np.inf), ("cosine", -np.inf), ("l2", np.inf)]:
+        scores, ids = cpu_topk(integer_data(rng, 2, 4), corpus, 3, metric)
+        assert ids[:, 0].tolist() == [0, 0] and (ids[:, 1:] == -1).all() and (scores[:, 1:] == fill).all()
+        scores, ids = cpu_topk(np.zeros((0, 4), np.float32), corpus, 3, metric)
+        assert scores.shape == (0, 3) and ids.shape == (0, 3)
+    scores, ids = cpu_topk(integer_data(rng, 2, 4), np.zeros((0, 4), np.float32), 2)
+    assert (ids == -1).all() and (scores == -np.inf).all()
+
+
+def test_cpu_all_ties_and_large_k(rng):
+    """Every score equal: the k smallest ids, in order; k up to 4096."""
+    corpus = np.ones((5000, 3), np.float32)
+    for k in (1, 100, 4096):
+        scores, ids = cpu_topk(np.ones((2, 3), np.float32), corpus, k)
+        assert ids[0].tolist() == list(range(k)) and (scores == 3).all()
+    corpus = integer_data(rng, 9000, 4, -1, 2)
+    queries = integer_data(rng, 3, 4, -1, 2)
+    got, want = cpu_topk(queries, corpus, 4096, "l2"), reference_topk(queries, corpus, 4096, "l2")
+    np.testing.assert_array_equal(got[1], want[1])
+
+
+def test_cpu_cosine_zero_vectors():
+    corpus = np.array([[0, 0], [1, 0], [0, 0], [-1, 0]], np.float32)
+    scores, ids = cpu_topk(np.array([[2.0, 0.0], [0.0, 0.0]], np.float32), corpus, 4, "cosine")
+    assert ids.tolist() == [[1, 0, 2, 3], [0, 1, 2, 3]]
+    assert scores.tolist() == [[1.0, 0.0, 0.0, -1.0], [0.0] * 4]
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize("dtype", ["fp32", "fp16"])
+def test_cpu_non_finite_corpus_raises(bad, dtype):
+    corpus = np.ones((1200, 5), np.float32)
+    corpus[1100, 2] = bad
+    table = quantize_rows(np.ones((1200, 5), np.float32), dtype)
+    table.data[1100, 2] = bad
+    for c in (corpus, table):
+        for B in (1, 40):
+            with pytest.raises(ValueError, match="corpus contains NaN or inf"):
+                cpu_topk(np.ones((B, 5), np.float32), c, 3)
+
+
+def test_cpu_overflowing_scores_raise():
+    corpus = np.full((10, 4), 3e38, np.float32)
+    with pytest.raises(ValueError, match="corpus contains NaN or inf"):
+        cpu_topk(np.ones((1, 4), np.float32), corpus, 2)
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(0, 9), st.integers(1, 1300), st.integers(1, 9), st.integers(1, 40),
+       st.sampled_from(["ip", "l2"]), st.sampled_from(["fp32", "fp16"]), st.integers(0, 2**32 - 1))
+def test_cpu_matches_reference_property(B, n, d, k, metric, dtype, seed):
+    rng = np.random.default_rng(seed)
+    corpus = quantize_rows(integer_data(rng, n, d, -2, 3), dtype)
+    queries = integer_data(rng, B, d, -2, 3)
+    exclude = random_exclusions(rng, B, n, n)
+    got = cpu_topk(queries, corpus, k, metric, exclude)
+    want = reference_topk(queries, corpus, k, metric, exclude)
+    np.testing.assert_array_equal(got[1], want[1])
+    np.testing.assert_array_equal(got[0], want[0])
+
+
+def test_cpu_torch_inputs_and_threads(rng):
+    """CPU tensors in, CPU tensors out; many host threads at once get their own answers."""
+    corpus = rng.standard_normal((3000, 16)).astype(np.float32)
+    batches = [rng.standard_normal((b, 16)).astype(np.float32) for b in (1, 2, 40, 7, 1, 33)]
+    want = [cpu_topk(q, corpus, 15) for q in batches]
+    scores, ids = topk(torch.from_numpy(batches[0]), torch.from_numpy(corpus), 15)
+    assert isinstance(ids, torch.Tensor) and np.array_equal(ids.numpy(), want[0][1])
+    results = [None] * len(batches)
+
+    def work(i):
+        for _ in range(5):
+            results[i] = topk(batches[i], corpus, 15)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(batches))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for got, expected in zip(results, want):
+        np.testing.assert_array_equal(got[1], expected[1])
+
+
+# ---- int8 recall ------------------------------------------------------------------------
+
+def recall_at(got_ids, exact_ids):
+    return np.mean([len(set(g) & set(e)) / len(e) for g, e in zip(got_ids, exact_ids)])
+
+
+def test_int8_recall_random_normal(rng):
+    corpus = rng.standard_normal((20000, 64)).astype(np.float32)
+    queries = rng.standard_normal((20, 64)).astype(np.float32)
+    for metric in ("ip", "cosine", "l2"):
+        exact = cpu_topk(queries, corpus, 100, metric)[1]
+        got = cpu_topk(queries, quantize_rows(corpus, "int8"), 100, metric)[1]
+        assert recall_at(got, exact) >= 0.99, metric
+
+
+def movielens_vectors(dim=32):
+    """Item and user vectors from a truncated SVD of the MovieLens ratings (users x movies)."""
+    ratings = np.loadtxt(MOVIELENS / "ratings.csv", delimiter=",", skiprows=1, usecols=(0, 1, 2))
+    users = np.unique(ratings[:, 0], return_inverse=True)[1]
+    movies = np.unique(ratings[:, 1], return_inverse=True)[1]
+    matrix = np.zeros((users.max() + 1, movies.max() + 1))
+    matrix[users, movies] = ratings[:, 2]
+    values, vectors = np.linalg.eigh(matrix @ matrix.T)  # users x users: small, gives the SVD
+    top = np.argsort(values)[::-1][:dim]
+    singular = np.sqrt(values[top])
+    items = (matrix.T @ vectors[:, top]) / singular
+    user_vectors = vectors[:, top] * singular
+    return items.astype(np.float32), user_vectors.astype(np.float32)
+
+
+@pytest.mark.skipif(not MOVIELENS.is_dir(), reason=f"MovieLens data not found at {MOVIELENS}")
+def test_int8_recall_movielens():
+    """ip and l2. (cosine normalises the many tiny vectors of rarely rated movies, whose int8 rows
+    are relatively coarse: recall@100 of the exact int8 scores themselves is about 0.989 there.)"""
+    items, users = movielens_vectors()
+    for metric in ("ip", "l2"):
+        exact = cpu_topk(users, items, 100, metric)[1]
+        got = cpu_topk(users, quantize_rows(items, "int8"), 100, metric)[1]
+        assert recall_at(got, exact) >= 0.99, metric
+
+
+# ---- Triton (the interpreter on CPU tensors when there is no GPU) ---------------------------
+
+@pytest.mark.parametrize("metric", ["ip", "l2"])
+def test_triton_exact_on_integer_data(rng, triton_device, metric):
+    corpus = integer_data(rng, 150, 3, -2, 3)
+    queries = integer_data(rng, 18, 3, -2, 3)
+    exclude = random_exclusions(rng, 18, 150, 40)
+    for rows, k, ex in [(150, 5, None), (150, 9, exclude), (12, 16, random_exclusions(rng, 18, 12, 5))]:
+        got = triton_topk(queries, corpus[:rows], k, metric, ex, triton_device)
+        want = reference_topk(queries, corpus[:rows], k, metric, ex)
+        np.testing.assert_array_equal(got[1], want[1])
+        np.testing.assert_array_equal(got[0], want[0])
+
+
+@pytest.mark.parametrize("dtype", ["fp16", "bf16", "int8"])
+def test_triton_quantized_and_cosine(rng, triton_device, dtype):
+    corpus = quantize_rows(rng.standard_normal((200, 40)).astype(np.float32), dtype)
+    queries = rng.standard_normal((3, 40)).astype(np.float32)
+    for metric in ("ip", "cosine"):
+        got = triton_topk(queries, corpus, 8, metric, None, triton_device)
+        assert_close_topk(got, reference_topk(queries, corpus, 8, metric), queries, corpus, metric)
+
+
+def test_triton_edges(rng, triton_device):
+    corpus = integer_data(rng, 1, 4)
+    scores, ids = triton_topk(integer_data(rng, 2, 4), corpus, 3, "l2", None, triton_device)
+    assert (ids[:, 0] == 0).all() and (ids[:, 1:] == -1).all() and (scores[:, 1:] == np.inf).all()
+    scores, ids = triton_topk(np.zeros((0, 4), np.float32), corpus, 3, "ip", None, triton_device)
+    assert scores.shape == (0, 3)
+    bad = np.ones((40, 4), np.float32)
+    bad[7, 1] = np.nan
+    with pytest.raises(ValueError, match="corpus contains NaN or inf"):
+        triton_topk(np.ones((1, 4), np.float32), bad, 2, "ip", None, triton_device)
