@@ -23,10 +23,10 @@ def expected_search(catalogue, queries, k, metric, excluded=None):
 
 
 def assert_same_ranking(got, want, catalogue, queries, metric, excluded=None):
-    """Scores equal rank by rank, and each returned id is live, allowed, distinct and has that score.
-    (Equal scores may come in another id order: the index breaks ties by storage order.)"""
+    """Scores and ids equal rank by rank (ties to the smaller external id), and each returned id is
+    live, allowed, distinct and has that score."""
     np.testing.assert_array_equal(got[0], want[0])
-    np.testing.assert_array_equal(got[1] < 0, want[1] < 0)
+    np.testing.assert_array_equal(got[1], want[1])
     for q, row in enumerate(got[1]):
         ids = row[row >= 0].tolist()
         assert len(set(ids)) == len(ids) and not (excluded and set(ids) & set(excluded[q]))
@@ -220,3 +220,16 @@ def test_method_errors(call, error, message):
     with pytest.raises(error, match=message):
         call(index)
     assert len(index) == 3
+
+
+@pytest.mark.parametrize("metric", ["ip", "l2"])
+def test_ties_go_to_the_smaller_external_id(metric):
+    """Equal vectors stored in descending id order still come back smallest id first, also when the
+    tie straddles the k-th slot."""
+    index = ItemIndex(2, metric=metric)
+    index.add(np.array([90, 70, 50, 30, 10], np.int64), np.ones((5, 2), np.float32))
+    index.add(np.array([5], np.int64), np.full((1, 2), 2, np.float32))   # strictly best for ip and l2
+    query = np.full((1, 2), 2, np.float32)
+    for k, want in [(1, [5]), (2, [5, 10]), (3, [5, 10, 30]), (6, [5, 10, 30, 50, 70, 90])]:
+        assert index.search(query, k)[1][0].tolist() == want
+    assert index.search(query, 8)[1][0].tolist() == [5, 10, 30, 50, 70, 90, -1, -1]

@@ -8,7 +8,9 @@ can see are never written again:
   row); an id that exists is retired and its new vector appended.
 - remove retires rows (tombstones): a search excludes them through `topk`'s per-query
   exclusions; once they pass 1/32 of the rows the live rows are compacted into new buffers.
-Equal scores come back in storage order (the item stored first wins), not by external id.
+Equal scores go to the smaller external id, as in `topk`: the scan orders ties by storage
+row, so a search asks for one candidate more than k, widens the list while the k-th and the
+next score are equal, and re-sorts by (score, external id).
 """
 import numbers
 import threading
@@ -169,8 +171,19 @@ class ItemIndex:
         k = check_k(k)
         B = queries.shape[0]
         rows_exclude = self._row_exclusions(snap, B, exclude)
-        scores, rows = topk(to_numpy_float32(queries), snap.table, k, metric=self.metric, exclude=rows_exclude)
-        ids = np.where(rows >= 0, snap.row_ids[np.maximum(rows, 0)], -1) if snap.table.shape[0] else rows
+        n = snap.table.shape[0]
+        wanted = k + 1
+        while True:
+            scores, rows = topk(to_numpy_float32(queries), snap.table, wanted, metric=self.metric, exclude=rows_exclude)
+            tie_at_boundary = (rows[:, -1] >= 0) & (scores[:, -1] == scores[:, k - 1])
+            if wanted >= n or not tie_at_boundary.any():
+                break
+            wanted = min(2 * wanted, n)
+        ids = np.where(rows >= 0, snap.row_ids[np.maximum(rows, 0)], -1) if n else rows
+        order_key = scores if self.metric == "l2" else -scores   # padding (+-inf) sorts last
+        order = np.lexsort((ids, order_key), axis=-1)[:, :k]
+        scores = np.take_along_axis(scores, order, axis=1)
+        ids = np.take_along_axis(ids, order, axis=1)
         return like(scores, kind), like(ids, kind)
 
     @staticmethod
