@@ -19,6 +19,13 @@ import time
 from pathlib import Path
 from typing import Callable, Optional
 
+# Two OpenMP runtimes live in one benchmark process (Numba's and torch's; FAISS brings a
+# third). With the default active wait, each runtime's idle threads spin after its call and
+# steal the two cores from the other side's next call, a cross-talk that only alternating
+# A/B timing creates. Passive waiting for every side removes it; set OMP_WAIT_POLICY=ACTIVE
+# before running to measure with spinning. Must be set before any runtime starts.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 BENCH_DIR = Path(__file__).resolve().parent
 RESULTS_MD = BENCH_DIR / "RESULTS.md"
 THREADS = 2
@@ -93,6 +100,7 @@ def machine_info():
     import numpy
     info = {"machine": platform.machine(), "processor": platform.processor(), "cpus": os.cpu_count(),
             "python": platform.python_version(), "numpy": numpy.__version__, "threads": THREADS,
+            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
     for mod in ("numba", "torch", "triton", "faiss"):
         try:
@@ -118,7 +126,8 @@ def update_results_md(group, rows, info):
     """Replace the block between this group's markers in RESULTS.md (appending it if new)."""
     begin, end = f"<!-- BEGIN {group} -->", f"<!-- END {group} -->"
     versions = ", ".join(f"{k} {info[k]}" for k in ("python", "numpy", "numba", "torch", "triton", "faiss") if k in info)
-    block = (f"{begin}\n_Measured {info['date']} on {info['cpus']} CPUs ({info['machine']}), {THREADS} threads; "
+    block = (f"{begin}\n_Measured {info['date']} on {info['cpus']} CPUs ({info['machine']}), {THREADS} threads, "
+             f"OMP_WAIT_POLICY={info.get('omp_wait_policy')}; "
              f"{versions}. Raw numbers: `bench/results/{group}.json`._\n\n{markdown_table(rows)}\n{end}")
     text = RESULTS_MD.read_text() if RESULTS_MD.exists() else "# Benchmark results\n"
     if begin in text:
