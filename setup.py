@@ -11,6 +11,17 @@ extensions = [
         extra_compile_args=["-O3"],
         define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
     ),
+    # AVX-512 VNNI functions carry their own target attribute and are picked at run time:
+    # no -march flag, so the extension loads on any x86-64 CPU.
+    Extension(
+        "recscore.bindings._qmatmul_vnni",
+        ["bindings/_qmatmul_vnni.pyx"],
+        depends=["bindings/_qmatmul_vnni.h"],
+        include_dirs=[np.get_include(), "bindings"],
+        extra_compile_args=["-O3", "-fopenmp"],
+        extra_link_args=["-fopenmp"],
+        define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
+    ),
 ]
 
 setup(

@@ -8,10 +8,15 @@ quantize_matrix. Per shape:
            bandwidth in this run, target 0.7: ours must move the packed bytes at >= 70% of it);
   M = 16:  ours vs F.linear, no target (the skinny path's upper end);
   M = 128: ours vs F.linear (target 1.5x) and vs torch dynamic int8 Linear (target 1x).
-The weight is the same object on both sides across the 8 rotated activation sets (it is the
-model); the small matrices therefore live in L3, and only the 640 -> 262144 output projection
-(178 MB of Q8_0) measures DRAM.
+Weights come from DRAM, as in decoding, where a model's layers are read in turn: each small
+shape rotates over n distinct copies of its weight, n = ceil(96 MB / packed bytes) (capped at
+MAX_WEIGHT_SETS), on both sides - our packed copies, the peers' own float32 and int8 Linear
+copies - and every call takes the next copy, so one rotation of ours touches > 96 MB (3x the
+32 MB L3). The bandwidth peer sums the next slice of a buffer of n times the packed bytes. The
+640 -> 262144 output projection (178 MB of Q8_0) is larger than L3 by itself: one copy.
 """
+import itertools
+import math
 import tempfile
 from pathlib import Path
 
@@ -23,6 +28,20 @@ from bench.protocol import Comparison
 from recscore.kernels import QuantizedMatrix, qmatmul, quantize_matrix
 
 N_SETS = 8
+ROTATION_BYTES = 96e6       # what one rotation of our weights must touch: 3x the 32 MB L3
+MAX_WEIGHT_SETS = 256       # bounds the peers' float32 copies (2.6 MB x 256 at most here)
+
+
+def weight_copies(qm):
+    """n independent copies of qm (the first is qm itself), n = ceil(ROTATION_BYTES / qm.nbytes)."""
+    n = 1 if qm.nbytes >= ROTATION_BYTES else min(MAX_WEIGHT_SETS, math.ceil(ROTATION_BYTES / qm.nbytes))
+    return [qm] + [QuantizedMatrix(qm.fmt, qm.shape, qm.data.copy(), None if qm.scales is None else qm.scales.copy(),
+                                   qm.group_size) for _ in range(n - 1)]
+
+
+def rotating(objects):
+    """A callable returning the next object on every call, round robin."""
+    return itertools.cycle(objects).__next__
 
 
 def gemma_tensors():
@@ -53,34 +72,41 @@ def comparisons(quick=False):
     rng = np.random.default_rng(1)
     for name, qm in cases(quick):
         out_features, in_features = qm.shape
-        weight = torch.from_numpy(qm.dequantize())
+        copies = weight_copies(qm)
+        weights = [torch.from_numpy(copy.dequantize()) for copy in copies]
         big = out_features > 100_000
         pairs = 8 if quick else (12 if big else 24)
         xs = {M: [rng.standard_normal((M, in_features)).astype(np.float32) for _ in range(N_SETS)] for M in (1, 16, 128)}
         xts = {M: [torch.from_numpy(x) for x in sets] for M, sets in xs.items()}
+        rotation = f"{len(copies)} rotated weight copies" if len(copies) > 1 else "one weight > L3"
 
         def ours(M):
-            return lambda i: qmatmul(xs[M][i], qm)
+            next_qm = rotating(copies)
+            return lambda i: qmatmul(xs[M][i], next_qm())
 
         def linear(M):
-            return lambda i: F.linear(xts[M][i], weight)
+            next_weight = rotating(weights)
+            return lambda i: F.linear(xts[M][i], next_weight())
 
-        stream = torch.ones(qm.nbytes // 4, dtype=torch.float32)
+        stream = torch.ones(len(copies) * qm.nbytes // 4, dtype=torch.float32)
+        slices = rotating(torch.chunk(stream, len(copies)))
         yield Comparison(f"{name} M=1", "recscore cpu qmatmul", "torch F.linear fp32 (dequantized)",
-                         ours(1), linear(1), pairs=pairs, target=3.0, bytes_per_call=qm.nbytes)
+                         ours(1), linear(1), pairs=pairs, target=3.0, bytes_per_call=qm.nbytes, note=rotation)
         yield Comparison(f"{name} M=1 bandwidth", "recscore cpu qmatmul", f"torch sum over {qm.nbytes / 1e6:.1f} MB fp32",
-                         ours(1), lambda i: stream.sum(), pairs=pairs, target=0.7, bytes_per_call=qm.nbytes,
-                         note="ratio = our GB/s / read GB/s of the same byte count")
+                         ours(1), lambda i: slices().sum(), pairs=pairs, target=0.7, bytes_per_call=qm.nbytes,
+                         note=f"ratio = our GB/s / read GB/s of the same byte count; {rotation}, rotated buffer")
         yield Comparison(f"{name} M=16", "recscore cpu qmatmul", "torch F.linear fp32 (dequantized)",
-                         ours(16), linear(16), pairs=pairs, bytes_per_call=qm.nbytes)
+                         ours(16), linear(16), pairs=pairs, bytes_per_call=qm.nbytes, note=rotation)
         yield Comparison(f"{name} M=128", "recscore cpu qmatmul", "torch F.linear fp32 (dequantized)",
-                         ours(128), linear(128), pairs=pairs, target=1.5)
-        float_linear = torch.nn.Linear(in_features, out_features, bias=False)
-        with torch.no_grad():
-            float_linear.weight.copy_(weight)
-        linear_int8 = torch.ao.quantization.quantize_dynamic(torch.nn.Sequential(float_linear), {torch.nn.Linear},
-                                                             dtype=torch.qint8)
-        del float_linear
+                         ours(128), linear(128), pairs=pairs, target=1.5, note=rotation)
+        linears_int8 = []
+        for weight in weights:
+            float_linear = torch.nn.Linear(in_features, out_features, bias=False)
+            with torch.no_grad():
+                float_linear.weight.copy_(weight)
+            linears_int8.append(torch.ao.quantization.quantize_dynamic(torch.nn.Sequential(float_linear),
+                                                                       {torch.nn.Linear}, dtype=torch.qint8))
+        next_linear_int8 = rotating(linears_int8)
         yield Comparison(f"{name} M=128", "recscore cpu qmatmul", "torch quantize_dynamic int8 Linear",
-                         ours(128), lambda i: linear_int8(xts[128][i]), pairs=pairs, target=1.0)
-        del stream, linear_int8, weight
+                         ours(128), lambda i: next_linear_int8()(xts[128][i]), pairs=pairs, target=1.0, note=rotation)
+        del stream, slices, linears_int8, weights, copies

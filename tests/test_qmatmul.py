@@ -2,11 +2,18 @@
 for bit against gguf.quants on random blocks (written to and read back from a .gguf file) and on
 every tensor of the real Gemma 3 270M file.
 
-Error bounds: |y - y64| <= rtol * (|x| @ |W|.T), with y64 the float64 product of x and
-dequantize(). Activations are never quantized, so the error is float32 accumulation only:
-reference 1.2e-7 (one rounding of the float64 result); cpu 2e-5 for every format, 5e-5 for q4_k
-and int4, whose fused GEMV computes scale * sum(q * x) - offset * sum(x) and so also rounds the
-offset term; triton 2e-5 under the interpreter, 2e-3 on a GPU (tl.dot in tf32).
+Error bounds, with y64 the float64 product of x and dequantize():
+- float32 activations (reference; cpu for M > 16 or q6_k/f16/f32; cpu "float" = the Numba
+  kernels forced): |y - y64| <= rtol * (|x| @ |W|.T): reference 1.2e-7 (one rounding of the
+  float64 result); cpu 2e-5 for every format, 5e-5 for q4_k and int4, whose fused GEMV computes
+  scale * sum(q * x) - offset * sum(x) and so also rounds the offset term; triton 2e-5 under the
+  interpreter, 2e-3 on a GPU (tl.dot in tf32).
+- int8 activations (cpu, M <= 16, q8_0/q5_0/q4_k/int8/int4 on an AVX-512 VNNI CPU): x is
+  rounded to d * rint(x / d) with d = max|x| / 127 per block of 32, an error of at most d / 2
+  per element, so |y - y64| <= (1.01 / 254 + 2e-5) * (xmax @ |Wq|.T), xmax = each |x| replaced by
+  its block's max, |Wq| = |W| except for q4_k, whose integer part d*sc*q is |W + dmin*m| (the
+  mins term uses the exact float sum of x). Relative L2 error on Gaussian x: 3e-3..8e-3 for every
+  format, asserted < 1e-2.
 quantize_matrix itself: |w - dequantized| <= scale / 2 per weight, scale = group max|w| / 127
 (int8) or / 7 (int4).
 """
@@ -21,7 +28,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from recscore.kernels import QuantizedMatrix, qmatmul, quantize_matrix, use_backend
-from recscore.kernels.qmatmul import reference
+from recscore.kernels.qmatmul import cpu, reference
 
 HAS_CUDA = torch.cuda.is_available()
 
@@ -30,7 +37,7 @@ GGUF_TYPES = {"f32": QT.F32, "f16": QT.F16, "q8_0": QT.Q8_0, "q5_0": QT.Q5_0, "q
 FP16_SCALE_OFFSETS = {"q8_0": (0,), "q5_0": (0,), "q4_k": (0, 2), "q6_k": (208,)}
 OUT_FEATURES = 37                      # odd, not a multiple of any tile
 IN_FEATURES = {"f32": 96, "f16": 96, "q8_0": 96, "q5_0": 96, "q4_k": 512, "q6_k": 512, "int8": 96, "int4": 128}
-RTOL = {"reference": 1.2e-7, "cpu": 2e-5, "triton": 2e-3 if HAS_CUDA else 2e-5}   # GPU tl.dot runs in tf32
+RTOL = {"reference": 1.2e-7, "cpu": 2e-5, "float": 2e-5, "triton": 2e-3 if HAS_CUDA else 2e-5}   # GPU tl.dot runs in tf32
 OFFSET_TERM_FORMATS = ("q4_k", "int4")   # cpu GEMV rounds an extra offset * sum(x) term
 M_VALUES = (1, 2, 7, 16, 64, 300)
 
@@ -87,12 +94,26 @@ def matrices(random_gguf, rng):
     return out
 
 
+def q4_k_mins(qm):
+    """dmin * m for every weight of a q4_k matrix (out, in): the part its int8-activation path
+    multiplies by the exact float sum of x."""
+    blocks = np.ascontiguousarray(qm.data).reshape(-1, 144)
+    _, m = reference.q4_k_scale_min(blocks[:, 4:16])
+    dmin = blocks[:, 2:4].copy().view(np.float16).astype(np.float64)
+    return np.repeat(dmin * m, 32, axis=1).reshape(qm.shape)
+
+
 def check_close(y, x, qm, backend):
     weight = reference.dequantize(qm.fmt, qm.data, qm.scales, qm.group_size).astype(np.float64)
     x64 = np.asarray(x, dtype=np.float64)
     exact = x64 @ weight.T
-    rtol = 5e-5 if backend == "cpu" and qm.fmt in OFFSET_TERM_FORMATS else RTOL[backend]
-    bound = rtol * (np.abs(x64) @ np.abs(weight).T) + 1e-30
+    if backend == "cpu" and cpu.uses_vnni(qm, x64.shape[0]):
+        integer_part = np.abs(weight + q4_k_mins(qm)) if qm.fmt == "q4_k" else np.abs(weight)
+        block_max = np.repeat(np.abs(x64).reshape(x64.shape[0], -1, 32).max(axis=2, initial=0.0), 32, axis=1)
+        bound = (1.01 / 254 + 2e-5) * (block_max @ integer_part.T) + 1e-30
+    else:
+        rtol = 5e-5 if backend in ("cpu", "float") and qm.fmt in OFFSET_TERM_FORMATS else RTOL[backend]
+        bound = rtol * (np.abs(x64) @ np.abs(weight).T) + 1e-30
     error = np.abs(np.asarray(y, dtype=np.float64) - exact)
     assert y.dtype == np.float32 and y.shape == exact.shape
     assert (error <= bound).all(), f"{qm.fmt}: max error / bound = {(error / bound).max():.3g}"
@@ -139,14 +160,52 @@ def test_token_embedding_take_and_matmul_on_the_real_file(gemma_gguf, rng):
             check_close(qmatmul(x, qm), x, qm, "cpu")
 
 
-@pytest.mark.parametrize("backend", ["reference", "cpu"])
+@pytest.mark.parametrize("backend", ["reference", "cpu", "float"])
 @pytest.mark.parametrize("M", M_VALUES)
-def test_qmatmul_every_format(random_gguf, rng, backend, M):
+def test_qmatmul_every_format(random_gguf, rng, monkeypatch, backend, M):
+    """"float": the cpu backend with the int8-activation (VNNI) kernel switched off."""
+    if backend == "float":
+        monkeypatch.setattr(cpu, "VNNI_MAX_M", 0)
     for fmt, qm in matrices(random_gguf, rng).items():
         x = rng.standard_normal((M, qm.shape[1])).astype(np.float32)
-        with use_backend(backend):
+        with use_backend("cpu" if backend == "float" else backend):
             y = qmatmul(x, qm)
         check_close(y, x, qm, backend)
+
+
+VNNI_CASES = [("q8_0", 32), ("q5_0", 32), ("q4_k", 256), ("int8", 32), ("int8", 96), ("int4", 32), ("int4", 128)]
+
+
+@pytest.mark.skipif(not cpu.HAS_VNNI, reason="the int8-activation kernel needs AVX-512 VNNI")
+@pytest.mark.parametrize("fmt,group_size", VNNI_CASES)
+def test_int8_activation_path(rng, fmt, group_size):
+    """Every VNNI format and M <= 16 (all M in the kernel itself, called directly): the error bound,
+    relative L2 error < 1e-2, odd out_features, and the same bits for 1 and 2 threads."""
+    in_features = 512 if fmt == "q4_k" else 3 * max(group_size, 64)
+    if fmt.startswith("int"):
+        qm = quantize_matrix(rng.standard_normal((OUT_FEATURES, in_features)).astype(np.float32), fmt,
+                             group_size=group_size)
+    else:
+        raw = random_blocks(rng, fmt, OUT_FEATURES, in_features)
+        qm = QuantizedMatrix(fmt, (OUT_FEATURES, in_features), raw, group_size=reference.GGUF_BLOCKS[fmt][0])
+    weight = reference.dequantize(qm.fmt, qm.data, qm.scales, qm.group_size).astype(np.float64)
+    for M in M_VALUES:
+        x = (rng.standard_normal((M, in_features)) * rng.uniform(0.1, 10, (M, 1))).astype(np.float32)
+        assert cpu.uses_vnni(qm, M) == (M <= cpu.VNNI_MAX_M)
+        results = []
+        for threads in (1, 2):
+            out = np.empty((M, OUT_FEATURES), np.float32)
+            scales = cpu._NO_SCALES if qm.scales is None else qm.scales
+            cpu._qmatmul_vnni.matmul(cpu.FORMAT_IDS[fmt], qm.data.view(np.uint8), scales, qm.group_size, x, out, threads)
+            results.append(out)
+        assert results[0].tobytes() == results[1].tobytes()
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(cpu, "VNNI_MAX_M", 512)        # check_close: the int8-activation bound for every M
+            check_close(results[0], x, qm, "cpu")
+        exact = x.astype(np.float64) @ weight.T
+        assert np.linalg.norm(results[0] - exact) <= 1e-2 * np.linalg.norm(exact)
+        if M <= cpu.VNNI_MAX_M:
+            assert qmatmul(x, qm).tobytes() == results[0].tobytes()
 
 
 @pytest.mark.filterwarnings("ignore:qmatmul has no Triton kernel")
@@ -158,7 +217,7 @@ def test_triton_matches_reference(random_gguf, rng, triton_device, fmt, M):
     with use_backend("triton"):
         y = qmatmul(torch.from_numpy(x).to(triton_device), qm)
     assert isinstance(y, torch.Tensor) and y.device.type == triton_device
-    check_close(y.cpu().numpy(), x, qm, "triton")
+    check_close(y.cpu().numpy(), x, qm, "cpu" if fmt == "q5_0" else "triton")
     if M == 1:
         with use_backend("triton"):
             empty = qmatmul(torch.zeros((0, qm.shape[1]), device=triton_device), qm)
