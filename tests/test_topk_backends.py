@@ -89,6 +89,20 @@ def test_cpu_close_on_random_data(rng, dtype, metric):
 
 
 @pytest.mark.parametrize("metric", ["ip", "cosine", "l2"])
+@pytest.mark.parametrize("d", [5, 64])
+def test_cpu_int8_few_queries(rng, metric, d):
+    """int8 with fewer than 4 queries in a block (B = 1..3, and B = 35: a block of 32 then one
+    of 3) takes the one-row-at-a-time path: several tiles, exclusions, a partial last tile."""
+    corpus = quantize_rows(rng.standard_normal((1300, d)).astype(np.float32), "int8")
+    for B, k in [(1, 1), (1, 30), (2, 7), (3, 1300), (35, 20)]:
+        queries = rng.standard_normal((B, d)).astype(np.float32)
+        exclude = random_exclusions(rng, B, 1300, 400)
+        for ex in (None, exclude):
+            got = cpu_topk(queries, corpus, k, metric, ex)
+            assert_close_topk(got, reference_topk(queries, corpus, k, metric, ex), queries, corpus, metric, ex)
+
+
+@pytest.mark.parametrize("metric", ["ip", "cosine", "l2"])
 def test_cpu_exclusions_heavy_and_empty(rng, metric):
     corpus = integer_data(rng, 2000, 8)
     queries = integer_data(rng, 6, 8)

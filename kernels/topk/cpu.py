@@ -13,11 +13,17 @@ query block while it sits in L2. A block's scores are computed 2 rows x 4 querie
 time (8 independent accumulators sharing the loads of rows and queries), then each
 query's row of tile scores goes through the selection while it is in cache; `_merge`
 then combines the chunks' candidates. int8 rows are scored on their codes
-(`scale * (codes . q) + bias * sum(q)`), never dequantized: for fewer than 4 queries the
-codes are widened inside the dot loop, else once per row pair; fp16/bf16/int4 rows are
-widened a row pair at a time. "l2" and "cosine" use |x|^2 and |q|^2 beside the dot.
-(OpenBLAS sgemm per tile, called single-threaded inside the workers, measured only
-1.2x faster than the 2x4 loops on the tile product here; not worth a private symbol.)
+(`scale * (codes . q) + bias * sum(q)`), never dequantized: for fewer than 4 queries each
+query scores the tile one row at a time where the codes lie (widened inside the dot loop,
+unsigned indices: no per-element wraparound check; 1.25x over the row-pair loops), else
+the codes are widened once per row pair; fp16/bf16/int4 rows are widened a row pair at a
+time. "l2" and "cosine" use |x|^2 and |q|^2 beside the dot.
+The 2x4 loops run at about 40 GFLOP/s a core (d = 64): every score ends in a 16-lane
+horizontal sum, and LLVM keeps no outer-product block (queries x rows) in registers for
+any loop form tried (rank-1 updates, 4x16 scalar accumulators: 5-12 GFLOP/s), nor does
+4x4 beat 2x4. OpenBLAS sgemm on one thread does 45 GFLOP/s on a 32 x 512 x 64 tile (so
+per tile it is no win) and 78 on 256 x 512 x 64; calling it from the workers needs a
+private symbol (no SciPy for Numba's np.dot), so large batches stay compute-bound here.
 
 Exclusions are bucketed by corpus tile once per call, then set to -inf in each tile's
 scores before selection; -inf is below every key the threshold lets in.
@@ -178,12 +184,23 @@ def _dots_2x4(values, a, b, queries, q, dim, dots, i, j):
 
 @njit(inline="always")
 def _dots_2x1(values, a, b, queries, q, dim, dots, i, j):
-    """dots[i, j:j+2] = queries[q] . (values[a], values[b]); uint8 codes are widened in the loop."""
+    """dots[i, j:j+2] = queries[q] . (values[a], values[b])."""
     a0, b0 = np.float32(0), np.float32(0)
     for c in range(dim):
         a0 += np.float32(values[a, c]) * queries[q, c]
         b0 += np.float32(values[b, c]) * queries[q, c]
     dots[i, j], dots[i, j + 1] = a0, b0
+
+
+@njit(inline="always")
+def _dots_1(values, row0, n, queries, q, dim, out):
+    """out[j] = queries[q] . values[row0 + j] for j < n: one row at a time (uint8 codes widened in the loop)."""
+    for j in range(n):
+        r = np.uint64(row0 + j)  # unsigned indices: no negative-index wraparound in the inner loop
+        acc = np.float32(0)
+        for c in range(np.uint64(dim)):
+            acc += np.float32(values[r, c]) * queries[q, c]
+        out[j] = acc
 
 
 @njit(inline="always")
@@ -234,18 +251,22 @@ def _scan(queries, kind, f32, u16, u8, scale, bias, metric, k, n_rows, tile_rows
             n = min(n_rows, row0 + tile_rows) - row0
             for q0 in range(0, B, qblock):
                 nq = min(B, q0 + qblock) - q0
-                for j in range(0, n, 2):
+                one_row_at_a_time = nq < 4 and kind == INT8  # few queries: score the codes where they lie
+                if one_row_at_a_time:
+                    if q0 == 0:
+                        for j in range(n):
+                            r = row0 + j
+                            row_scale[j], row_bias[j] = scale[r], bias[r]
+                            if needs_row_sq:
+                                row_sq[j] = _row_sq(u8, r, dim, row_scale[j], row_bias[j])
+                    for i in range(nq):
+                        _dots_1(u8, row0, n, queries, q0 + i, dim, dots[i])
+                for j in range(0, 0 if one_row_at_a_time else n, 2):
                     r = row0 + j
                     r1 = r + 1 if j + 1 < n else r
                     if q0 == 0 and quantized:
                         row_scale[j], row_bias[j] = scale[r], bias[r]
                         row_scale[j + 1], row_bias[j + 1] = scale[r1], bias[r1]
-                    if kind == INT8 and nq < 4:  # few queries: widen the codes inside the dot
-                        if q0 == 0 and needs_row_sq:
-                            row_sq[j] = _row_sq(u8, r, dim, row_scale[j], row_bias[j])
-                            row_sq[j + 1] = _row_sq(u8, r1, dim, row_scale[j + 1], row_bias[j + 1])
-                        _dots_rows(u8, r, r1, queries, q0, nq, dim, dots, j)
-                        continue
                     if kind == FP32:  # score the rows where they lie
                         values, a, b = f32, r, r1
                     else:
