@@ -100,6 +100,15 @@ def decode_q5_0(data, r, group_size, out, i):
             out[i, dst + U(j)] = d * (q - np.float32(16.0))
 
 
+@njit(cache=True, inline="always")
+def q4_k_scale_min(data, r, o, s):
+    """The 6-bit scale and min of sub-block s of the Q4_K block at byte o of row r (12 packed bytes)."""
+    if s < 4:
+        return data[r, o + 4 + s] & 63, data[r, o + 8 + s] & 63
+    return ((data[r, o + 8 + s] & 15) | ((data[r, o + s] >> 6) << 4),
+            (data[r, o + 8 + s] >> 4) | ((data[r, o + 4 + s] >> 6) << 4))
+
+
 @njit(cache=True)
 def decode_q4_k(data, r, group_size, out, i):
     sub = group_size // 8
@@ -108,12 +117,7 @@ def decode_q4_k(data, r, group_size, out, i):
         d = fp16_value(data[r, o], data[r, o + 1])
         dmin = fp16_value(data[r, o + 2], data[r, o + 3])
         for s in range(8):
-            if s < 4:
-                sc = data[r, o + 4 + s] & 63
-                m = data[r, o + 8 + s] & 63
-            else:
-                sc = (data[r, o + 8 + s] & 15) | ((data[r, o + s] >> 6) << 4)
-                m = (data[r, o + 8 + s] >> 4) | ((data[r, o + 4 + s] >> 6) << 4)
+            sc, m = q4_k_scale_min(data, r, o, s)
             scale = d * np.float32(sc)
             offset = dmin * np.float32(m)
             src, dst = U(o + 16 + sub * (s // 2)), U(b * group_size + s * sub)
@@ -320,12 +324,7 @@ def dot_q4_k(data, r, group_size, x, sub_sums):
         d = fp16_value(data[r, o], data[r, o + 1])
         dmin = fp16_value(data[r, o + 2], data[r, o + 3])
         for s in range(8):
-            if s < 4:
-                sc = data[r, o + 4 + s] & 63
-                m = data[r, o + 8 + s] & 63
-            else:
-                sc = (data[r, o + 8 + s] & 15) | ((data[r, o + s] >> 6) << 4)
-                m = (data[r, o + 8 + s] >> 4) | ((data[r, o + 4 + s] >> 6) << 4)
+            sc, m = q4_k_scale_min(data, r, o, s)
             src, first = U(o + 16 + sub * (s // 2)), U(b * group_size + s * sub)
             sub_sum = np.float32(0.0)
             if s % 2 == 0:
