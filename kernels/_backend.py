@@ -7,6 +7,7 @@ torch is imported only when the caller hands us a tensor: the CPU path needs Num
 """
 import contextlib
 import contextvars
+import importlib
 import os
 import sys
 import threading
@@ -29,6 +30,12 @@ def use_backend(name):
         yield
     finally:
         _forced_backend.reset(token)
+
+
+def backend_module(package, name):
+    """The module `name` ("reference", "cpu", "triton") of an operation's package, imported on first use
+    (so NumPy-only hosts never import torch or triton, and Numba compiles only what is called)."""
+    return importlib.import_module(f".{name}", package)
 
 
 def triton_interpreted():

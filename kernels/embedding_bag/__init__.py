@@ -1,10 +1,9 @@
 """Pooled embedding-bag lookup over one table (`embedding_bag`) or many (`TableBatch`)."""
-import importlib
 import threading
 
 import numpy as np
 
-from .._backend import choose_backend, like, to_numpy
+from .._backend import backend_module, choose_backend, like, to_numpy
 from .._validate import INDEX_DTYPES, check_array, check_bag_indices, check_choice, check_finite, check_offsets, check_same_device
 from ..quantize_rows import as_row_table
 
@@ -69,9 +68,6 @@ def embedding_bag(table, indices, offsets, *, pooling="sum", per_sample_weights=
     return _lookup(TableBatch([table]), indices, offsets, pooling, per_sample_weights, bounds, table_names=None)
 
 
-def _backend_module(name):
-    return importlib.import_module(f".{name}", __name__)
-
 
 def _lookup(batch, indices, offsets, pooling, per_sample_weights, bounds, table_names):
     check_choice("pooling", pooling, POOLINGS)
@@ -100,9 +96,9 @@ def _lookup(batch, indices, offsets, pooling, per_sample_weights, bounds, table_
 
     backend = choose_backend(kind)
     if backend == "triton":
-        out = _backend_module("triton").lookup(batch, indices, offsets, B, pooling, per_sample_weights, bounds)
+        out = backend_module(__name__, "triton").lookup(batch, indices, offsets, B, pooling, per_sample_weights, bounds)
         return like(out, kind, device)
     weights = None if per_sample_weights is None else np.ascontiguousarray(to_numpy(per_sample_weights))
-    out = _backend_module(backend).lookup(batch, np.ascontiguousarray(to_numpy(indices)), offsets_host, B,
+    out = backend_module(__name__, backend).lookup(batch, np.ascontiguousarray(to_numpy(indices)), offsets_host, B,
                                           pooling, weights, bounds)
     return like(out, kind, device)

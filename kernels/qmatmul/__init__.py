@@ -6,12 +6,11 @@ Backends get validated inputs:
   triton:        matmul(x, qm) with x a float torch tensor (M, in) on a CUDA device (or the CPU
                  under TRITON_INTERPRET=1); returns float32 (M, out) on x's device.
 """
-import importlib
 import threading
 
 import numpy as np
 
-from .._backend import bf16_bits_to_float32, choose_backend, like, to_numpy, to_numpy_float32, warn_once
+from .._backend import backend_module, bf16_bits_to_float32, choose_backend, like, to_numpy, to_numpy_float32, warn_once
 from .._validate import FLOAT_DTYPES, INDEX_DTYPES, check_array, check_choice, check_finite
 from . import reference
 
@@ -99,14 +98,11 @@ def _read_only(array):
     return view
 
 
-def _backend_module(name):
-    return importlib.import_module(f".{name}", __name__)
-
 
 def _cpu_module(op):
     """take/dequantize run on the host: the forced backend if it is a host one, else cpu."""
     backend = choose_backend("numpy")
-    return getattr(_backend_module("reference" if backend == "reference" else "cpu"), op)
+    return getattr(backend_module(__name__, "reference" if backend == "reference" else "cpu"), op)
 
 
 def quantize_matrix(weight, fmt, *, group_size=32):
@@ -147,10 +143,10 @@ def qmatmul(x, qm):
     device = x.device if kind == "cuda" else None
     backend = choose_backend(kind)
     if backend == "triton":
-        triton_backend = _backend_module("triton")
+        triton_backend = backend_module(__name__, "triton")
         if qm.fmt in triton_backend.FORMATS:
             return triton_backend.matmul(x.detach().contiguous(), qm)
         warn_once(f"qmatmul-triton-{qm.fmt}", f"qmatmul has no Triton kernel for {qm.fmt}: it runs on the CPU kernels")
         backend = "cpu"
-    out = _backend_module(backend).matmul(to_numpy_float32(x), qm)
+    out = backend_module(__name__, backend).matmul(to_numpy_float32(x), qm)
     return like(out, kind, device)

@@ -1,9 +1,8 @@
 """Row storage for embedding tables and item corpora: `quantize_rows` and `RowTable`."""
-import importlib
 
 import numpy as np
 
-from .._backend import array_kind, bf16_bits_to_float32, choose_backend, dtype_name, to_numpy, to_torch, warn_once
+from .._backend import array_kind, backend_module, bf16_bits_to_float32, choose_backend, dtype_name, to_numpy, to_torch, warn_once
 from .._validate import check_array, check_choice, check_finite
 from . import reference
 
@@ -85,9 +84,6 @@ def as_row_table(table, name="table"):
     return RowTable(dtype, table.shape, data)
 
 
-def _backend_module(name):
-    return importlib.import_module(f".{name}", __name__)
-
 
 def quantize_rows(weights, dtype):
     """Store a float (R, D) table as `dtype`: "fp32", "fp16", "bf16", "int8" or "int4".
@@ -107,6 +103,6 @@ def quantize_rows(weights, dtype):
     limit = _FINITE_LIMIT.get(dtype)
     if limit is not None and host.size and float(np.abs(host).max()) > limit:
         raise ValueError(f"weights has values outside the {dtype} range (largest magnitude {limit:g})")
-    data, scale, bias = _backend_module(backend).quantize(host, dtype)
+    data, scale, bias = backend_module(__name__, backend).quantize(host, dtype)
     table = RowTable(dtype, weights.shape, data, scale, bias)
     return table if kind == "numpy" else table.to(weights.device)

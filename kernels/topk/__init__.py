@@ -1,18 +1,12 @@
 """Exact similarity top-k over an item corpus (`topk`) and a live catalogue index (`ItemIndex`)."""
-import importlib
 import numbers
 
-import numpy as np
-
-from .._backend import choose_backend, like, to_numpy_float32
+from .._backend import backend_module, choose_backend, like, to_numpy_float32
 from .._validate import FLOAT_DTYPES, check_array, check_choice, check_exclude, check_finite, check_same_device
 from ..quantize_rows import as_row_table
 
 METRICS = ("ip", "cosine", "l2")
 
-
-def _backend_module(name):
-    return importlib.import_module(f".{name}", __name__)
 
 
 def check_k(k):
@@ -41,9 +35,9 @@ def topk(queries, corpus, k, *, metric="ip", exclude=None):
     exclude = check_exclude(exclude, queries.shape[0], corpus.shape[0])
     backend = choose_backend(kind)
     if backend == "triton":
-        scores, ids = _backend_module("triton").topk(queries, corpus, k, metric, exclude)
+        scores, ids = backend_module(__name__, "triton").topk(queries, corpus, k, metric, exclude)
     else:
-        scores, ids = _backend_module(backend).topk(to_numpy_float32(queries), corpus, k, metric, exclude)
+        scores, ids = backend_module(__name__, backend).topk(to_numpy_float32(queries), corpus, k, metric, exclude)
     return like(scores, kind, device), like(ids, kind, device)
 
 
