@@ -12,6 +12,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from recscore.kernels import TableBatch, embedding_bag, quantize_rows, use_backend
+from recscore.kernels.embedding_bag import cpu
+from recscore.kernels.quantize_rows import RowTable
 
 ROW_DTYPES = ("fp32", "fp16", "bf16", "int8", "int4")
 POOLINGS = ("sum", "mean", "max")
@@ -80,7 +82,7 @@ def every_option(rng, tables, bags, index_dtype=np.int64):
 # --------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("dtype", ROW_DTYPES)
-@pytest.mark.parametrize("dim", [1, 3, 16, 48, 64, 129, 1000])
+@pytest.mark.parametrize("dim", [1, 3, 16, 48, 64, 128, 129, 256, 1000])
 def test_cpu_every_option(rng, dtype, dim):
     tables = [make_table(rng, 300, dim, dtype)]
     for index_dtype in (np.int64, np.int32):
@@ -181,6 +183,78 @@ def test_cpu_concurrent_calls(rng):
     for thread in threads:
         thread.join()
     assert not failures
+
+
+@pytest.mark.parametrize("dtype", ROW_DTYPES)
+def test_cpu_portable_loops(rng, dtype):
+    """The plain C loops (CPUs without AVX-512) against the reference, every option, narrow to wide rows."""
+    tables = [make_table(rng, 300, dim, dtype) for dim in (1, 3, 16, 129, 1000)]
+    batch = TableBatch(tables)
+    for index_dtype in (np.int64, np.int32):
+        for indices, offsets, options in every_option(rng, tables, 23, index_dtype):
+            pooling, bounds = options.get("pooling", "sum"), options.get("bounds", "error")
+            weights = options.get("per_sample_weights")
+            want = run("reference", tables, indices, offsets, **options)
+            got = cpu.lookup(batch, indices, offsets, 23, pooling, weights, bounds, portable=True)
+            np.testing.assert_allclose(got, want, rtol=tolerance(tables), atol=tolerance(tables))
+    indices, offsets = make_bags(rng, [t.shape[0] for t in tables], 23, padding=0.0)
+    indices[len(indices) // 2] = 300
+    with pytest.raises(IndexError, match=r"indices\[\d+\] = 300 \(table \d, bag \d+, position \d+\)"):
+        cpu.lookup(batch, indices, offsets, 23, "sum", None, "error", portable=True)
+
+
+def fused_rows(table):
+    """The same int8/int4 table in FBGEMM's fused layout: codes, scale, bias in one (R, bytes + 8) buffer."""
+    rows, row_bytes = table.data.shape
+    buffer = np.empty((rows, row_bytes + 8), np.uint8)
+    buffer[:, :row_bytes] = table.data
+    buffer[:, row_bytes:] = np.stack([table.scale, table.bias], axis=1).view(np.uint8)
+    scale_and_bias = buffer[:, row_bytes:].view(np.float32)
+    return RowTable(table.dtype, table.shape, buffer[:, :row_bytes], scale_and_bias[:, 0], scale_and_bias[:, 1])
+
+
+@pytest.mark.parametrize("dtype", ["int8", "int4"])
+def test_cpu_fused_row_layout_and_strided_rows(rng, dtype):
+    """qparams read in place from fused rows; float rows with a row stride larger than D, or negative (copied)."""
+    quantized = [make_table(rng, 500, dim, dtype) for dim in (5, 64, 200)]
+    strided = rng.standard_normal((300, 40)).astype(np.float32)[:, :33]
+    reversed_rows = np.flipud(rng.standard_normal((70, 9)).astype(np.float32))
+    tables = [fused_rows(t) for t in quantized] + [RowTable("fp32", strided.shape, strided),
+                                                   RowTable("fp32", reversed_rows.shape, reversed_rows)]
+    for indices, offsets, options in every_option(rng, tables, 41):
+        check_cpu(tables, indices, offsets, **options)
+    _, description, _ = cpu._prepare(TableBatch(tables))
+    assert list(description[:3, 1]) == [t.scale.ctypes.data for t in tables[:3]]  # no copies
+    assert description[3, 0] == strided.ctypes.data
+
+
+@pytest.mark.parametrize("portable", [False, True])
+def test_cpu_fused_check_names_the_first_bad_index(rng, portable):
+    """Many bags run in parallel chunks; the error still names the first bad index, whichever chunk finds one."""
+    tables = [make_table(rng, 100, 8, "fp32"), make_table(rng, 50, 24, "int8")]
+    indices, offsets = make_bags(rng, [100, 50], 4000, padding=0.0)
+    first, later = len(indices) // 3, len(indices) - 2
+    indices[later] = -5
+    indices[first] = 100
+    table, bag = divmod(int(np.searchsorted(offsets, first, side="right")) - 1, 4000)
+    position = first - offsets[table * 4000 + bag]
+    message = rf"indices\[{first}\] = 100 \(table {table}, bag {bag}, position {position}\)"
+    with pytest.raises(IndexError, match=message):
+        cpu.lookup(TableBatch(tables), indices, offsets, 4000, "sum", None, "error", portable=portable)
+    with use_backend("cpu"), pytest.raises(IndexError, match=message):
+        TableBatch(tables).lookup(indices, offsets)
+
+
+@pytest.mark.parametrize("index_dtype", [np.int64, np.int32])
+def test_cpu_skip_far_out_of_range_indices(rng, index_dtype):
+    """bounds="skip" with the extreme values of the index dtype: skipped, never read."""
+    tables = [make_table(rng, 40, 20, "fp16"), make_table(rng, 7, 130, "int4")]
+    indices, offsets = make_bags(rng, [40, 7], 30, index_dtype=index_dtype)
+    extremes = np.array([np.iinfo(index_dtype).min, np.iinfo(index_dtype).max, -2, 40, 7], index_dtype)
+    far = rng.random(len(indices)) < 0.3
+    indices[far] = rng.choice(extremes, far.sum())
+    for pooling in POOLINGS:
+        check_cpu(tables, indices, offsets, pooling=pooling, bounds="skip")
 
 
 @settings(max_examples=25, deadline=None)

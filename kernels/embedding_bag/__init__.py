@@ -47,6 +47,11 @@ class TableBatch:
         return sum(t.nbytes for t in self.tables)
 
     @property
+    def table_names(self):
+        """How index errors name the table: None for a single table."""
+        return [f"table {i}" for i in range(self.num_tables)] if self.num_tables > 1 else None
+
+    @property
     def device(self):
         return self.tables[0].device
 
@@ -56,8 +61,7 @@ class TableBatch:
         offsets is table-major with T*B + 1 entries: bag b of table t is
         indices[offsets[t*B + b] : offsets[t*B + b + 1]].
         """
-        return _lookup(self, indices, offsets, pooling, per_sample_weights, bounds,
-                       table_names=[f"table {i}" for i in range(self.num_tables)] if self.num_tables > 1 else None)
+        return _lookup(self, indices, offsets, pooling, per_sample_weights, bounds)
 
     def __repr__(self):
         return f"TableBatch(num_tables={self.num_tables}, dims={self.dims}, nbytes={self.nbytes})"
@@ -65,11 +69,11 @@ class TableBatch:
 
 def embedding_bag(table, indices, offsets, *, pooling="sum", per_sample_weights=None, bounds="error"):
     """Pooled lookup of bags of rows of one table: float32 (B, D), B = len(offsets) - 1."""
-    return _lookup(TableBatch([table]), indices, offsets, pooling, per_sample_weights, bounds, table_names=None)
+    return _lookup(TableBatch([table]), indices, offsets, pooling, per_sample_weights, bounds)
 
 
 
-def _lookup(batch, indices, offsets, pooling, per_sample_weights, bounds, table_names):
+def _lookup(batch, indices, offsets, pooling, per_sample_weights, bounds):
     check_choice("pooling", pooling, POOLINGS)
     check_choice("bounds", bounds, BOUNDS)
     kind = check_array("indices", indices, 1, INDEX_DTYPES)
@@ -91,10 +95,9 @@ def _lookup(batch, indices, offsets, pooling, per_sample_weights, bounds, table_
             raise ValueError(f"per_sample_weights must have the length of indices ({indices.shape[0]}), "
                              f"got {per_sample_weights.shape[0]}")
         check_finite("per_sample_weights", per_sample_weights)
-    if bounds == "error":
-        check_bag_indices(indices, offsets_host, batch.rows, B, table_names)
-
     backend = choose_backend(kind)
+    if bounds == "error" and backend != "cpu":  # the CPU kernel checks indices in its own pass
+        check_bag_indices(indices, offsets_host, batch.rows, B, batch.table_names)
     if backend == "triton":
         out = backend_module(__name__, "triton").lookup(batch, indices, offsets, B, pooling, per_sample_weights, bounds)
         return like(out, kind, device)
