@@ -1,16 +1,21 @@
 /* Quantized matmul with AVX-512 VNNI integer dot products, llama.cpp style.
  *
  * Activations are quantized per block of 32 to int8 (d = max|x| / 127, q = rint(x / d)) and
- * stored as q + 128 (uint8), because vpdpbusd multiplies unsigned by signed bytes. Weights are
- * signed codes per block of 32 (q8_0, int8 read in place; q5_0, q4_k, int4 decoded into a small
- * per-tile buffer). Per block: isum = sum((q + 128) * w) - 128 * sum(w) = sum(q * w) exactly in
- * int32 (the -128 * sum(w) term is computed once per weight block and seeds vpdpbusd), and
- * out += float(isum) * (weight scale * d), accumulated in float32. q4_k's mins term,
- * dmin * m * sum(x), uses the exact float sum of x over the block.
+ * stored as q + 128 (uint8), because vpdpbusd multiplies unsigned by signed bytes. Per block of
+ * 32 weights and activation row, the int32 sum of code products is exact, and
+ * out += float(isum) * (weight scale * d), accumulated in float32 (q6_k: one weight scale per
+ * half block of 16, per group of 4 int32 lanes). q4_k's mins term, dmin * m * sum(x), uses the
+ * exact float sum of x over the block.
  *
- * Parallel over tiles of 4 weight rows (OpenMP, static schedule: each thread streams a
- * contiguous range of rows); each tile's rows are multiplied with 4 activation rows at a time
- * from registers, so a weight block is loaded once per 4 activation rows.
+ * Three kernels:
+ * - qmv_gemv_signed (M = 1; q8_0, int8): codes read in place; vpdpbusd(|w|, sign(w) * q).
+ * - qmv_gemv_biased (M = 1; q5_0, q4_k, q6_k, int4): codes decoded in registers to their unsigned
+ *   form (q5_0 0..31, q4_k 0..15, q6_k 0..63, int4 0..15) and multiplied with signed q; the bias
+ *   (16, 0, 32, 8) times each lane's sum of q seeds vpdpbusd, once per call.
+ * - qmv_matmul's tiles (M > 1): 4 weight rows decoded once to signed codes (w = code - bias) with
+ *   -128 * sum(w) per block, which seeds vpdpbusd(q + 128, w); each tile meets 4 activation rows
+ *   at a time in registers, so a decoded weight block is loaded once per 4 activation rows.
+ * Parallel over rows or tiles of 4 (OpenMP, dynamic schedule in chunks of QMV_CHUNK tiles).
  *
  * Only the functions marked VNNI use those instructions; callers check qmv_has_vnni() first,
  * so the extension itself runs on any x86-64 CPU.
@@ -24,9 +29,13 @@
 #define VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,f16c,fma")))
 #define QMV_ROWS 4      /* weight rows per tile */
 #define QMV_XROWS 4     /* activation rows per register block */
+#define QMV_PREFETCH 4096   /* bytes of weight rows prefetched ahead in GEMV */
+/* tiles per work item: dynamic scheduling, so a thread that the OS preempts (a busy host) does not
+ * hold up the call with its fixed share, in chunks long enough to keep each stream contiguous */
+#define QMV_CHUNK 8
 
 /* Format ids: those of recscore.kernels.qmatmul.cpu.FORMAT_IDS. */
-enum { QMV_Q8_0 = 0, QMV_Q5_0 = 1, QMV_Q4_K = 2, QMV_INT8 = 4, QMV_INT4 = 5 };
+enum { QMV_Q8_0 = 0, QMV_Q5_0 = 1, QMV_Q4_K = 2, QMV_Q6_K = 3, QMV_INT8 = 4, QMV_INT4 = 5 };
 
 static int qmv_has_vnni(void)
 {
@@ -61,7 +70,8 @@ VNNI static void qmv_quantize_x(const float *x, int64_t n_blocks, uint8_t *xu, f
 }
 
 /* One weight row prepared for the dot products: block b's 32 signed codes at codes + b * stride,
- * its scale, -128 * sum(codes) per int32 lane, and (q4_k) dmin * m. */
+ * the scales of its two halves of 16 (scale[2b], scale[2b + 1]: equal except for q6_k, whose
+ * sub-blocks are 16 long), -128 * sum(codes) per int32 lane, and (q4_k) dmin * m. */
 typedef struct {
     const int8_t *codes;
     int64_t stride;
@@ -69,6 +79,31 @@ typedef struct {
     __m256i *neg_sum;
     float *min;
 } qmv_row;
+
+static inline void qmv_set_scale(qmv_row *row, int64_t b, float scale)
+{
+    row->scale[2 * b] = scale;
+    row->scale[2 * b + 1] = scale;
+}
+
+/* (scale[2b] x 4, scale[2b + 1] x 4): the scale of each int32 lane of block b's dot product */
+VNNI static inline __m256 qmv_lane_scales(const float *pair)
+{
+    const __m128 two = _mm_castpd_ps(_mm_load_sd((const double *)pair));
+    return _mm256_permutexvar_ps(_mm256_set_epi32(1, 1, 1, 1, 0, 0, 0, 0), _mm256_castps128_ps256(two));
+}
+
+/* the 6-bit scale and min of sub-block s of a Q4_K super-block from its 12 packed bytes */
+static inline void qmv_q4_k_scale_min(const uint8_t *packed, int s, int *sc, int *m)
+{
+    if (s < 4) {
+        *sc = packed[s] & 63;
+        *m = packed[s + 4] & 63;
+    } else {
+        *sc = (packed[s + 4] & 15) | ((packed[s - 4] >> 6) << 4);
+        *m = (packed[s + 4] >> 4) | ((packed[s] >> 6) << 4);
+    }
+}
 
 VNNI static inline __m256i qmv_nibbles(__m128i bytes)
 {
@@ -90,11 +125,11 @@ VNNI static void qmv_prepare_row(int fmt, const uint8_t *data, int64_t row_bytes
         row->codes = (const int8_t *)src + 2;
         row->stride = 34;
         for (int64_t b = 0; b < nb; b++)
-            row->scale[b] = qmv_fp16(src + 34 * b);
+            qmv_set_scale(row, b, qmv_fp16(src + 34 * b));
     } else if (fmt == QMV_INT8) {
         row->codes = (const int8_t *)src;
         for (int64_t b = 0; b < nb; b++)
-            row->scale[b] = scales[r * (K / group_size) + b * 32 / group_size];
+            qmv_set_scale(row, b, scales[r * (K / group_size) + b * 32 / group_size]);
     } else if (fmt == QMV_INT4) {
         /* byte j of a group holds element j (low nibble) and j + group/2 (high nibble) */
         const int64_t groups = K / group_size, half = group_size / 2;
@@ -114,7 +149,7 @@ VNNI static void qmv_prepare_row(int fmt, const uint8_t *data, int64_t row_bytes
             }
         }
         for (int64_t b = 0; b < nb; b++)
-            row->scale[b] = scales[r * groups + b * 32 / group_size];
+            qmv_set_scale(row, b, scales[r * groups + b * 32 / group_size]);
     } else if (fmt == QMV_Q5_0) {
         for (int64_t b = 0; b < nb; b++) {
             const uint8_t *block = src + 22 * b;
@@ -123,7 +158,34 @@ VNNI static void qmv_prepare_row(int fmt, const uint8_t *data, int64_t row_bytes
             __m256i q = qmv_nibbles(_mm_loadu_si128((const __m128i *)(block + 6)));
             q = _mm256_or_si256(q, _mm256_maskz_mov_epi8((__mmask32)qh, sixteen));
             _mm256_storeu_si256((__m256i *)(decoded + 32 * b), _mm256_sub_epi8(q, sixteen));
-            row->scale[b] = qmv_fp16(block);
+            qmv_set_scale(row, b, qmv_fp16(block));
+        }
+    } else if (fmt == QMV_Q6_K) {
+        /* in each half h of 128 weights, block t = 0..3 takes nibble t / 2 of ql[64h + 32 (t % 2) + i]
+         * and bits 2t, 2t + 1 of qh[32h + i] (reference._q6_k); code = q - 32 in [-32, 31] */
+        const __m256i low4 = _mm256_set1_epi8(15), low2 = _mm256_set1_epi8(3), bias = _mm256_set1_epi8(32);
+        for (int64_t sb = 0; sb < K / 256; sb++) {
+            const uint8_t *block = src + 210 * sb;
+            const float d = qmv_fp16(block + 208);
+            for (int h = 0; h < 2; h++) {
+                const __m256i ql0 = _mm256_loadu_si256((const __m256i *)(block + 64 * h));
+                const __m256i ql1 = _mm256_loadu_si256((const __m256i *)(block + 64 * h + 32));
+                const __m256i qh = _mm256_loadu_si256((const __m256i *)(block + 128 + 32 * h));
+                __m256i q[4];
+                q[0] = _mm256_or_si256(_mm256_and_si256(ql0, low4), _mm256_slli_epi16(_mm256_and_si256(qh, low2), 4));
+                q[1] = _mm256_or_si256(_mm256_and_si256(ql1, low4),
+                                       _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 2), low2), 4));
+                q[2] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql0, 4), low4),
+                                       _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 4), low2), 4));
+                q[3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql1, 4), low4),
+                                       _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 6), low2), 4));
+                for (int t = 0; t < 4; t++)
+                    _mm256_storeu_si256((__m256i *)(decoded + 256 * sb + 128 * h + 32 * t),
+                                        _mm256_sub_epi8(q[t], bias));
+            }
+            /* the 16 int8 scales, in order, are those of the halves of the super-block's 8 blocks */
+            const __m512i sc = _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(block + 192)));
+            _mm512_storeu_ps(row->scale + 16 * sb, _mm512_mul_ps(_mm512_set1_ps(d), _mm512_cvtepi32_ps(sc)));
         }
     } else {   /* QMV_Q4_K: sub-block s takes nibble s % 2 of bytes 32 * (s / 2) .. + 32 */
         for (int64_t sb = 0; sb < K / 256; sb++) {
@@ -132,14 +194,8 @@ VNNI static void qmv_prepare_row(int fmt, const uint8_t *data, int64_t row_bytes
             const uint8_t *packed = block + 4;
             for (int s = 0; s < 8; s++) {
                 int sc, m;
-                if (s < 4) {
-                    sc = packed[s] & 63;
-                    m = packed[s + 4] & 63;
-                } else {
-                    sc = (packed[s + 4] & 15) | ((packed[s - 4] >> 6) << 4);
-                    m = (packed[s + 4] >> 4) | ((packed[s] >> 6) << 4);
-                }
-                row->scale[8 * sb + s] = d * (float)sc;
+                qmv_q4_k_scale_min(packed, s, &sc, &m);
+                qmv_set_scale(row, 8 * sb + s, d * (float)sc);
                 row->min[8 * sb + s] = dmin * (float)m;
             }
             for (int p = 0; p < 4; p++) {
@@ -159,6 +215,23 @@ VNNI static void qmv_prepare_row(int fmt, const uint8_t *data, int64_t row_bytes
     }
 }
 
+VNNI static inline float qmv_hsum(__m256 v)
+{
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
+/* lane i of the result = sum of the 8 lanes of vi (by value: an array argument would keep
+ * accumulators in memory) */
+VNNI static inline __m256 qmv_reduce8(__m256 v0, __m256 v1, __m256 v2, __m256 v3, __m256 v4, __m256 v5, __m256 v6,
+                                      __m256 v7)
+{
+    const __m256 v0123 = _mm256_hadd_ps(_mm256_hadd_ps(v0, v1), _mm256_hadd_ps(v2, v3));
+    const __m256 v4567 = _mm256_hadd_ps(_mm256_hadd_ps(v4, v5), _mm256_hadd_ps(v6, v7));
+    return _mm256_add_ps(_mm256_permute2f128_ps(v0123, v4567, 0x20), _mm256_permute2f128_ps(v0123, v4567, 0x31));
+}
+
 /* out[m, c] for XR activation rows (m0..) and 4 weight rows; XR is a constant in each caller. */
 #define QMV_BLOCK_KERNEL(NAME, XR)                                                                      \
 VNNI static inline void NAME(const qmv_row *rows, const uint8_t *xu, const float *xd, int64_t K,       \
@@ -176,7 +249,7 @@ VNNI static inline void NAME(const qmv_row *rows, const uint8_t *xu, const float
         for (int r = 0; r < QMV_ROWS; r++) {                                                            \
             w[r] = _mm256_loadu_si256((const __m256i *)(rows[r].codes + b * rows[r].stride));           \
             seed[r] = rows[r].neg_sum[b];                                                               \
-            ws[r] = _mm256_set1_ps(rows[r].scale[b]);                                                   \
+            ws[r] = qmv_lane_scales(rows[r].scale + 2 * b);                                             \
         }                                                                                               \
         _Pragma("GCC unroll 4")                                                                         \
         for (int m = 0; m < XR; m++) {                                                                  \
@@ -191,25 +264,223 @@ VNNI static inline void NAME(const qmv_row *rows, const uint8_t *xu, const float
     }                                                                                                   \
     for (int m = 0; m < XR; m++)                                                                        \
         _Pragma("GCC unroll 4")                                                                         \
-        for (int r = 0; r < QMV_ROWS; r++) {                                                            \
-            __m128 s = _mm_add_ps(_mm256_castps256_ps128(acc[m][r]), _mm256_extractf128_ps(acc[m][r], 1)); \
-            s = _mm_add_ps(s, _mm_movehl_ps(s, s));                                                     \
-            result[m][r] = _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));                            \
-        }                                                                                               \
+        for (int r = 0; r < QMV_ROWS; r++)                                                              \
+            result[m][r] = qmv_hsum(acc[m][r]);                                                         \
 }
 
 QMV_BLOCK_KERNEL(qmv_block_4, 4)
 QMV_BLOCK_KERNEL(qmv_block_1, 1)
 
-/* sum(a[i] * b[i]) for n a multiple of 8 */
-VNNI static inline float qmv_dot8(const float *a, const float *b, int64_t n)
+/* q4_k's mins term: result[m][r] -= sum_b rows[r].min[b] * xsum[(m0 + m) * nb + b] for XR = 4 (or 1)
+ * activation rows, as 4 x 4 vector dot products with two 8-way reductions (nb: a multiple of 8). */
+VNNI static void qmv_subtract_mins(const qmv_row *rows, const float *xsum, int64_t nb, int64_t m0, int xr,
+                                   float result[QMV_XROWS][QMV_ROWS])
 {
-    __m256 acc = _mm256_setzero_ps();
-    for (int64_t i = 0; i < n; i += 8)
-        acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+    __m256 acc[QMV_XROWS][QMV_ROWS];
+    for (int m = 0; m < QMV_XROWS; m++)
+        for (int r = 0; r < QMV_ROWS; r++)
+            acc[m][r] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < nb; b += 8)
+        for (int m = 0; m < xr; m++) {
+            const __m256 xs = _mm256_loadu_ps(xsum + (m0 + m) * nb + b);
+            for (int r = 0; r < QMV_ROWS; r++)
+                acc[m][r] = _mm256_fmadd_ps(_mm256_loadu_ps(rows[r].min + b), xs, acc[m][r]);
+        }
+    for (int m = 0; m < xr; m += 2) {
+        const __m256 sums = qmv_reduce8(acc[m][0], acc[m][1], acc[m][2], acc[m][3],
+                                        acc[m + 1][0], acc[m + 1][1], acc[m + 1][2], acc[m + 1][3]);
+        _mm_storeu_ps(result[m], _mm_sub_ps(_mm_loadu_ps(result[m]), _mm256_castps256_ps128(sums)));
+        if (m + 1 < xr)
+            _mm_storeu_ps(result[m + 1], _mm_sub_ps(_mm_loadu_ps(result[m + 1]), _mm256_extractf128_ps(sums, 1)));
+    }
+}
+
+/* GEMV (M = 1) of the formats whose codes are signed bytes in place (q8_0, int8), straight from
+ * the packed rows: no decoded buffer and no -128 * sum(codes) pass. vpdpbusd takes |w| as the
+ * unsigned operand and x with w's sign (vpsignb) as the signed one, so |w| * (sign(w) x) = w x;
+ * |w| <= 128 fits in uint8. One float scale (weight scale * x block scale) per block. */
+VNNI static void qmv_gemv_signed(int fmt, const uint8_t *data, int64_t row_bytes, const float *scales,
+                                 int64_t group_size, int64_t N, int64_t K, const uint8_t *xu,
+                                 const float *xd, float *out, int num_threads)
+{
+    const int64_t groups = K / group_size, blocks_per_group = group_size / 32;
+    const int64_t stride = fmt == QMV_Q8_0 ? 34 : 32, skip = fmt == QMV_Q8_0 ? 2 : 0;
+    const int64_t n_tiles = (N + QMV_ROWS - 1) / QMV_ROWS;
+    #pragma omp parallel for schedule(dynamic, QMV_CHUNK) num_threads(num_threads) if (n_tiles > 1)
+    for (int64_t t = 0; t < n_tiles; t++) {
+        const uint8_t *src[QMV_ROWS];
+        const float *row_scales[QMV_ROWS];
+        __m256 acc[QMV_ROWS];
+        for (int r = 0; r < QMV_ROWS; r++) {
+            /* rows past N repeat the last row; their results are dropped */
+            const int64_t row = t * QMV_ROWS + r < N ? t * QMV_ROWS + r : N - 1;
+            src[r] = data + row * row_bytes;
+            row_scales[r] = fmt == QMV_INT8 ? scales + row * groups : NULL;
+            acc[r] = _mm256_setzero_ps();
+        }
+        /* software prefetch QMV_PREFETCH bytes ahead: the hardware prefetcher alone keeps too few
+         * lines in flight for four interleaved row streams from DRAM */
+        const int64_t ahead = t * QMV_ROWS * row_bytes + QMV_PREFETCH;
+        for (int64_t offset = ahead; offset < ahead + QMV_ROWS * row_bytes && offset < N * row_bytes; offset += 64)
+            _mm_prefetch((const char *)(data + offset), _MM_HINT_T0);
+        for (int64_t g = 0, b = 0; g < groups; g++) {
+            float group_scale[QMV_ROWS];
+            for (int r = 0; r < QMV_ROWS; r++)
+                group_scale[r] = fmt == QMV_Q8_0 ? qmv_fp16(src[r] + 34 * g) : row_scales[r][g];
+            for (int64_t j = 0; j < blocks_per_group; j++, b++) {
+                const __m256i xv = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(xu + 32 * b)),
+                                                    _mm256_set1_epi8((char)0x80));   /* back to signed */
+                _Pragma("GCC unroll 4")
+                for (int r = 0; r < QMV_ROWS; r++) {
+                    const __m256i w = _mm256_loadu_si256((const __m256i *)(src[r] + stride * b + skip));
+                    const __m256i isum = _mm256_dpbusd_epi32(_mm256_setzero_si256(), _mm256_abs_epi8(w),
+                                                             _mm256_sign_epi8(xv, w));
+                    acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), _mm256_set1_ps(group_scale[r] * xd[b]), acc[r]);
+                }
+            }
+        }
+        const int n_rows = N - t * QMV_ROWS < QMV_ROWS ? (int)(N - t * QMV_ROWS) : QMV_ROWS;
+        for (int r = 0; r < n_rows; r++)
+            out[t * QMV_ROWS + r] = qmv_hsum(acc[r]);
+    }
+}
+
+/* One weight row . x for the formats whose codes are unsigned plus a bias (q5_0: q - 16, int4:
+ * q - 8, q6_k: q - 32, q4_k: d sc q - dmin m), decoded in registers: vpdpbusd takes the unsigned
+ * codes and the signed activations xq, seeded with seed[b] = -bias * (sum of xq per int32 lane),
+ * so each block's integer sum is exact; then one FMA per block with weight scale * xd. q4_k's
+ * mins term uses the exact float sums of x per block. Inlined with a constant fmt. */
+VNNI static inline __attribute__((always_inline)) float qmv_biased_row(
+    int fmt, const uint8_t *src, const float *row_scales, int64_t K, int64_t group_size, const int8_t *xq,
+    const __m256i *seed, const float *xd, const float *xsum)
+{
+    const __m256i low4 = _mm256_set1_epi8(15);
+    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+    float mins = 0.0f;
+#define QMV_XQ(b) _mm256_loadu_si256((const __m256i *)(xq + 32 * (b)))
+    if (fmt == QMV_Q5_0) {
+        for (int64_t b = 0; b < K / 32; b++) {
+            const uint8_t *block = src + 22 * b;
+            uint32_t qh;
+            memcpy(&qh, block + 2, 4);
+            const __m256i q = _mm256_or_si256(qmv_nibbles(_mm_loadu_si128((const __m128i *)(block + 6))),
+                                              _mm256_maskz_mov_epi8((__mmask32)qh, _mm256_set1_epi8(16)));
+            const __m256i isum = _mm256_dpbusd_epi32(seed[b], q, QMV_XQ(b));
+            acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), _mm256_set1_ps(qmv_fp16(block) * xd[b]), acc0);
+        }
+    } else if (fmt == QMV_INT4) {
+        /* byte j of a group holds element j (low nibble) and j + group/2 (high nibble) */
+        const int64_t half = group_size / 2;
+        for (int64_t g = 0; g < K / group_size; g++) {
+            const float scale = row_scales[g];
+            if (group_size == 32) {
+                const __m256i q = qmv_nibbles(_mm_loadu_si128((const __m128i *)(src + 16 * g)));
+                const __m256i isum = _mm256_dpbusd_epi32(seed[g], q, QMV_XQ(g));
+                acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), _mm256_set1_ps(scale * xd[g]), acc0);
+            } else {   /* a multiple of 64: a block is 32 low or 32 high nibbles */
+                for (int64_t j = 0; j < half; j += 32) {
+                    const __m256i bytes = _mm256_loadu_si256((const __m256i *)(src + g * half + j));
+                    const int64_t b_low = (g * group_size + j) / 32, b_high = b_low + half / 32;
+                    const __m256i low = _mm256_dpbusd_epi32(seed[b_low], _mm256_and_si256(bytes, low4), QMV_XQ(b_low));
+                    const __m256i high = _mm256_dpbusd_epi32(
+                        seed[b_high], _mm256_and_si256(_mm256_srli_epi16(bytes, 4), low4), QMV_XQ(b_high));
+                    acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(low), _mm256_set1_ps(scale * xd[b_low]), acc0);
+                    acc1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(high), _mm256_set1_ps(scale * xd[b_high]), acc1);
+                }
+            }
+        }
+    } else if (fmt == QMV_Q4_K) {
+        /* sub-block s takes nibble s % 2 of bytes 32 * (s / 2) .. + 32; no bias, mins apart */
+        for (int64_t sb = 0; sb < K / 256; sb++) {
+            const uint8_t *block = src + 144 * sb;
+            const float d = qmv_fp16(block), dmin = qmv_fp16(block + 2);
+            for (int p = 0; p < 4; p++) {
+                const int64_t b = 8 * sb + 2 * p;
+                int sc0, m0, sc1, m1;
+                qmv_q4_k_scale_min(block + 4, 2 * p, &sc0, &m0);
+                qmv_q4_k_scale_min(block + 4, 2 * p + 1, &sc1, &m1);
+                const __m256i bytes = _mm256_loadu_si256((const __m256i *)(block + 16 + 32 * p));
+                const __m256i low = _mm256_dpbusd_epi32(_mm256_setzero_si256(), _mm256_and_si256(bytes, low4),
+                                                        QMV_XQ(b));
+                const __m256i high = _mm256_dpbusd_epi32(
+                    _mm256_setzero_si256(), _mm256_and_si256(_mm256_srli_epi16(bytes, 4), low4), QMV_XQ(b + 1));
+                acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(low), _mm256_set1_ps(d * (float)sc0 * xd[b]), acc0);
+                acc1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(high), _mm256_set1_ps(d * (float)sc1 * xd[b + 1]), acc1);
+                mins += dmin * ((float)m0 * xsum[b] + (float)m1 * xsum[b + 1]);
+            }
+        }
+    } else {   /* QMV_Q6_K: layout as in qmv_prepare_row; lanes 0-3 and 4-7 of a block have their own scale */
+        const __m256i low2 = _mm256_set1_epi8(3);
+        const __m512i halves = _mm512_set_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 0, 0, 0, 0);
+        for (int64_t sb = 0; sb < K / 256; sb++) {
+            const uint8_t *block = src + 210 * sb;
+            const __m512i sc_int = _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(block + 192)));
+            const __m512 sc = _mm512_mul_ps(_mm512_set1_ps(qmv_fp16(block + 208)), _mm512_cvtepi32_ps(sc_int));
+            for (int h = 0; h < 2; h++) {
+                const __m256i ql0 = _mm256_loadu_si256((const __m256i *)(block + 64 * h));
+                const __m256i ql1 = _mm256_loadu_si256((const __m256i *)(block + 64 * h + 32));
+                const __m256i qh = _mm256_loadu_si256((const __m256i *)(block + 128 + 32 * h));
+                __m256i q[4];
+                q[0] = _mm256_or_si256(_mm256_and_si256(ql0, low4), _mm256_slli_epi16(_mm256_and_si256(qh, low2), 4));
+                q[1] = _mm256_or_si256(_mm256_and_si256(ql1, low4),
+                                       _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 2), low2), 4));
+                q[2] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql0, 4), low4),
+                                       _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 4), low2), 4));
+                q[3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql1, 4), low4),
+                                       _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 6), low2), 4));
+                for (int t = 0; t < 4; t++) {
+                    const int64_t b = 8 * sb + 4 * h + t;
+                    const __m256 lane_scale = _mm512_castps512_ps256(_mm512_permutexvar_ps(
+                        _mm512_add_epi32(halves, _mm512_set1_epi32(2 * (4 * h + t))), sc));
+                    const __m256i isum = _mm256_dpbusd_epi32(seed[b], q[t], QMV_XQ(b));
+                    acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), _mm256_mul_ps(lane_scale, _mm256_set1_ps(xd[b])),
+                                           acc0);
+                }
+            }
+        }
+    }
+#undef QMV_XQ
+    return qmv_hsum(_mm256_add_ps(acc0, acc1)) - mins;
+}
+
+/* GEMV (M = 1) of q5_0, q4_k, q6_k and int4 (qmv_biased_row), parallel over rows. Returns 0, or -1
+ * when memory runs out. */
+VNNI static int qmv_gemv_biased(int fmt, const uint8_t *data, int64_t row_bytes, const float *scales,
+                                int64_t group_size, int64_t N, int64_t K, const uint8_t *xu, const float *xd,
+                                const float *xsum, float *out, int num_threads)
+{
+    const int64_t nb = K / 32, groups = K / group_size;
+    const int bias = fmt == QMV_Q5_0 ? 16 : fmt == QMV_INT4 ? 8 : fmt == QMV_Q6_K ? 32 : 0;
+    int8_t *xq = malloc((size_t)K);
+    __m256i *seed = aligned_alloc(32, sizeof(__m256i) * (size_t)nb);
+    if (xq == NULL || seed == NULL) {
+        free(xq);
+        free(seed);
+        return -1;
+    }
+    for (int64_t b = 0; b < nb; b++) {
+        const __m256i x = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(xu + 32 * b)),
+                                           _mm256_set1_epi8((char)0x80));   /* back to signed */
+        _mm256_storeu_si256((__m256i *)(xq + 32 * b), x);
+        const __m256i lane_sums = _mm256_dpbusd_epi32(_mm256_setzero_si256(), _mm256_set1_epi8(1), x);
+        seed[b] = _mm256_mullo_epi32(lane_sums, _mm256_set1_epi32(-bias));
+    }
+    #pragma omp parallel for schedule(dynamic, QMV_CHUNK * QMV_ROWS) num_threads(num_threads) if (N > 1)
+    for (int64_t r = 0; r < N; r++) {
+        const uint8_t *src = data + r * row_bytes;
+        const float *row_scales = scales == NULL ? NULL : scales + r * groups;
+        float value;
+        switch (fmt) {   /* a constant fmt per call: one specialised copy of the row loop each */
+        case QMV_Q5_0: value = qmv_biased_row(QMV_Q5_0, src, row_scales, K, group_size, xq, seed, xd, xsum); break;
+        case QMV_INT4: value = qmv_biased_row(QMV_INT4, src, row_scales, K, group_size, xq, seed, xd, xsum); break;
+        case QMV_Q4_K: value = qmv_biased_row(QMV_Q4_K, src, row_scales, K, group_size, xq, seed, xd, xsum); break;
+        default: value = qmv_biased_row(QMV_Q6_K, src, row_scales, K, group_size, xq, seed, xd, xsum); break;
+        }
+        out[r] = value;
+    }
+    free(xq);
+    free(seed);
+    return 0;
 }
 
 /* out (M, N) = x (M, K) @ W.T for W (N, K) in format fmt (row_bytes per row; scales for int8/int4).
@@ -225,11 +496,22 @@ VNNI static int qmv_matmul(int fmt, const uint8_t *data, int64_t row_bytes, cons
     int failed = xu == NULL || xd == NULL || xsum == NULL;
     if (!failed)
         qmv_quantize_x(x, M * nb, xu, xd, xsum);
+    if (!failed && M == 1) {
+        int status = 0;
+        if (fmt == QMV_Q8_0 || fmt == QMV_INT8)
+            qmv_gemv_signed(fmt, data, row_bytes, scales, group_size, N, K, xu, xd, out, num_threads);
+        else
+            status = qmv_gemv_biased(fmt, data, row_bytes, scales, group_size, N, K, xu, xd, xsum, out, num_threads);
+        free(xu);
+        free(xd);
+        free(xsum);
+        return status;
+    }
     #pragma omp parallel num_threads(num_threads) if (!failed && n_tiles > 1)
     {
         /* per thread: decoded codes, scales, mins, -128 * sums of a tile of rows */
         int8_t *decoded = malloc((size_t)(QMV_ROWS * K));
-        float *row_floats = malloc(sizeof(float) * (size_t)(2 * QMV_ROWS * nb));
+        float *row_floats = malloc(sizeof(float) * (size_t)(3 * QMV_ROWS * nb));
         __m256i *neg_sums = aligned_alloc(32, sizeof(__m256i) * (size_t)(QMV_ROWS * nb));
         const int ready = decoded != NULL && row_floats != NULL && neg_sums != NULL && !failed;
         if (!ready) {
@@ -239,14 +521,14 @@ VNNI static int qmv_matmul(int fmt, const uint8_t *data, int64_t row_bytes, cons
         qmv_row rows[QMV_ROWS];
         float result[QMV_XROWS][QMV_ROWS];
         /* every thread meets the worksharing loop; one without its buffers skips its tiles */
-        #pragma omp for schedule(static)
+        #pragma omp for schedule(dynamic, QMV_CHUNK)
         for (int64_t t = 0; t < n_tiles; t++) {
             if (!ready)
                 continue;
             const int64_t first = t * QMV_ROWS;
             for (int r = 0; r < QMV_ROWS; r++) {
-                rows[r].scale = row_floats + r * nb;
-                rows[r].min = row_floats + (QMV_ROWS + r) * nb;
+                rows[r].scale = row_floats + 2 * r * nb;
+                rows[r].min = row_floats + (2 * QMV_ROWS + r) * nb;
                 rows[r].neg_sum = neg_sums + r * nb;
                 /* rows past N repeat the last row; their results are dropped */
                 const int64_t w_row = first + r < N ? first + r : N - 1;
@@ -259,13 +541,11 @@ VNNI static int qmv_matmul(int fmt, const uint8_t *data, int64_t row_bytes, cons
                     qmv_block_4(rows, xu, xd, K, m0, result);
                 else
                     qmv_block_1(rows, xu, xd, K, m0, result);
+                if (fmt == QMV_Q4_K)
+                    qmv_subtract_mins(rows, xsum, nb, m0, xr, result);
                 for (int m = 0; m < xr; m++)
-                    for (int r = 0; r < n_rows; r++) {
-                        float value = result[m][r];
-                        if (fmt == QMV_Q4_K)
-                            value -= qmv_dot8(rows[r].min, xsum + (m0 + m) * nb, nb);
-                        out[(m0 + m) * N + first + r] = value;
-                    }
+                    for (int r = 0; r < n_rows; r++)
+                        out[(m0 + m) * N + first + r] = result[m][r];
                 m0 += xr;
             }
         }

@@ -12,6 +12,32 @@ cdef extern from "_qmatmul_vnni.h" nogil:
                    int64_t N, int64_t K, const float *x, int64_t M, float *out, int num_threads)
 
 
+cdef bint _shapes_fit(int fmt, const uint8_t[:, ::1] data, const float[:, ::1] scales, int64_t group_size,
+                     const float[:, ::1] x, float[:, ::1] out) noexcept nogil:
+    """Every size the C code derives its reads from agrees, so it never reads out of bounds."""
+    cdef int64_t N = out.shape[1], K = x.shape[1]
+    # (weights, bytes) per block of format id fmt; int8/int4 carry their scales apart
+    cdef int64_t per_block, block_bytes
+    if fmt == 0 or fmt == 1:
+        per_block, block_bytes = 32, (34 if fmt == 0 else 22)
+    elif fmt == 2 or fmt == 3:
+        per_block, block_bytes = 256, (144 if fmt == 2 else 210)
+    elif fmt == 4 or fmt == 5:
+        per_block, block_bytes = (1 if fmt == 4 else 2), 1
+    else:
+        return False
+    if K == 0 or K % 32 or K % per_block or data.shape[0] != N or data.shape[1] != K // per_block * block_bytes \
+            or x.shape[0] != out.shape[0]:
+        return False
+    if fmt == 4 or fmt == 5:
+        if group_size <= 0 or group_size % 32 or K % group_size \
+                or scales.shape[0] != N or scales.shape[1] != K // group_size:
+            return False
+        if fmt == 5 and group_size != 32 and group_size % 64:
+            return False
+    return True
+
+
 def has_vnni():
     """True when the CPU has AVX-512 F/BW/VL and VNNI."""
     return bool(qmv_has_vnni())
@@ -20,9 +46,14 @@ def has_vnni():
 def matmul(int fmt, const uint8_t[:, ::1] data, const float[:, ::1] scales, int64_t group_size,
            const float[:, ::1] x, float[:, ::1] out, int num_threads):
     """out (M, N) = x (M, K) @ W.T; W: N packed rows `data` of format id `fmt` (cpu.FORMAT_IDS: q8_0,
-    q5_0, q4_k, int8, int4), `scales` (N, K / group_size) for int8/int4, else (0, 0).
-    K is a multiple of 32 (256 for q4_k; group_size 32 or a multiple of 64 for int4)."""
+    q5_0, q4_k, q6_k, int8, int4), `scales` (N, K / group_size) for int8/int4, else (0, 0).
+    K is a multiple of 32 (256 for q4_k and q6_k; group_size 32 or a multiple of 64 for int4).
+    Shapes are checked here before any C runs (ValueError)."""
     cdef int64_t N = out.shape[1], K = x.shape[1], M = x.shape[0]
+    if not _shapes_fit(fmt, data, scales, group_size, x, out):
+        raise ValueError(f"qmatmul kernel: data ({data.shape[0]}, {data.shape[1]}), scales ({scales.shape[0]}, "
+                         f"{scales.shape[1]}), x ({M}, {K}) and out ({out.shape[0]}, {N}) do not fit format id "
+                         f"{fmt}, group_size {group_size}")
     cdef const float *scale_ptr = &scales[0, 0] if scales.shape[0] else NULL
     cdef int status
     with nogil:

@@ -3,12 +3,12 @@ for bit against gguf.quants on random blocks (written to and read back from a .g
 every tensor of the real Gemma 3 270M file.
 
 Error bounds, with y64 the float64 product of x and dequantize():
-- float32 activations (reference; cpu for M > 16 or q6_k/f16/f32; cpu "float" = the Numba
-  kernels forced): |y - y64| <= rtol * (|x| @ |W|.T): reference 1.2e-7 (one rounding of the
+- float32 activations (reference; cpu for f16/f32; cpu "float" = the Numba kernels, as on a
+  CPU without VNNI): |y - y64| <= rtol * (|x| @ |W|.T): reference 1.2e-7 (one rounding of the
   float64 result); cpu 2e-5 for every format, 5e-5 for q4_k and int4, whose fused GEMV computes
   scale * sum(q * x) - offset * sum(x) and so also rounds the offset term; triton 2e-5 under the
   interpreter, 2e-3 on a GPU (tl.dot in tf32).
-- int8 activations (cpu, M <= 16, q8_0/q5_0/q4_k/int8/int4 on an AVX-512 VNNI CPU): x is
+- int8 activations (cpu, every M, q8_0/q5_0/q4_k/q6_k/int8/int4 on an AVX-512 VNNI CPU): x is
   rounded to d * rint(x / d) with d = max|x| / 127 per block of 32, an error of at most d / 2
   per element, so |y - y64| <= (1.01 / 254 + 2e-5) * (xmax @ |Wq|.T), xmax = each |x| replaced by
   its block's max, |Wq| = |W| except for q4_k, whose integer part d*sc*q is |W + dmin*m| (the
@@ -160,12 +160,13 @@ def test_token_embedding_take_and_matmul_on_the_real_file(gemma_gguf, rng):
             check_close(qmatmul(x, qm), x, qm, "cpu")
 
 
+@pytest.mark.filterwarnings("ignore:qmatmul. this CPU has no AVX-512 VNNI")
 @pytest.mark.parametrize("backend", ["reference", "cpu", "float"])
 @pytest.mark.parametrize("M", M_VALUES)
 def test_qmatmul_every_format(random_gguf, rng, monkeypatch, backend, M):
-    """"float": the cpu backend with the int8-activation (VNNI) kernel switched off."""
+    """"float": the cpu backend as on a CPU without VNNI (the Numba float32 kernels)."""
     if backend == "float":
-        monkeypatch.setattr(cpu, "VNNI_MAX_M", 0)
+        monkeypatch.setattr(cpu, "HAS_VNNI", False)
     for fmt, qm in matrices(random_gguf, rng).items():
         x = rng.standard_normal((M, qm.shape[1])).astype(np.float32)
         with use_backend("cpu" if backend == "float" else backend):
@@ -173,15 +174,17 @@ def test_qmatmul_every_format(random_gguf, rng, monkeypatch, backend, M):
         check_close(y, x, qm, backend)
 
 
-VNNI_CASES = [("q8_0", 32), ("q5_0", 32), ("q4_k", 256), ("int8", 32), ("int8", 96), ("int4", 32), ("int4", 128)]
+VNNI_CASES = [("q8_0", 32), ("q5_0", 32), ("q4_k", 256), ("q6_k", 256), ("int8", 32), ("int8", 96), ("int4", 32),
+              ("int4", 128)]
 
 
 @pytest.mark.skipif(not cpu.HAS_VNNI, reason="the int8-activation kernel needs AVX-512 VNNI")
 @pytest.mark.parametrize("fmt,group_size", VNNI_CASES)
 def test_int8_activation_path(rng, fmt, group_size):
-    """Every VNNI format and M <= 16 (all M in the kernel itself, called directly): the error bound,
-    relative L2 error < 1e-2, odd out_features, and the same bits for 1 and 2 threads."""
-    in_features = 512 if fmt == "q4_k" else 3 * max(group_size, 64)
+    """Every VNNI format and M (M = 1: the fused GEMVs, signed for q8_0/int8, biased for the
+    others; M > 1: the tiled kernel), called directly: the error bound, relative L2 error < 1e-2,
+    odd out_features, the same bits for 1 and 2 threads, and qmatmul dispatching to it."""
+    in_features = 512 if fmt in ("q4_k", "q6_k") else 3 * max(group_size, 64)
     if fmt.startswith("int"):
         qm = quantize_matrix(rng.standard_normal((OUT_FEATURES, in_features)).astype(np.float32), fmt,
                              group_size=group_size)
@@ -191,7 +194,7 @@ def test_int8_activation_path(rng, fmt, group_size):
     weight = reference.dequantize(qm.fmt, qm.data, qm.scales, qm.group_size).astype(np.float64)
     for M in M_VALUES:
         x = (rng.standard_normal((M, in_features)) * rng.uniform(0.1, 10, (M, 1))).astype(np.float32)
-        assert cpu.uses_vnni(qm, M) == (M <= cpu.VNNI_MAX_M)
+        assert cpu.uses_vnni(qm, M)
         results = []
         for threads in (1, 2):
             out = np.empty((M, OUT_FEATURES), np.float32)
@@ -199,13 +202,25 @@ def test_int8_activation_path(rng, fmt, group_size):
             cpu._qmatmul_vnni.matmul(cpu.FORMAT_IDS[fmt], qm.data.view(np.uint8), scales, qm.group_size, x, out, threads)
             results.append(out)
         assert results[0].tobytes() == results[1].tobytes()
-        with pytest.MonkeyPatch.context() as patch:
-            patch.setattr(cpu, "VNNI_MAX_M", 512)        # check_close: the int8-activation bound for every M
-            check_close(results[0], x, qm, "cpu")
+        check_close(results[0], x, qm, "cpu")
         exact = x.astype(np.float64) @ weight.T
         assert np.linalg.norm(results[0] - exact) <= 1e-2 * np.linalg.norm(exact)
-        if M <= cpu.VNNI_MAX_M:
-            assert qmatmul(x, qm).tobytes() == results[0].tobytes()
+        assert qmatmul(x, qm).tobytes() == results[0].tobytes()
+
+
+def test_vnni_kernel_rejects_shapes_that_do_not_fit():
+    """The C kernel derives every read from these sizes: the binding checks them before any C runs."""
+    x, out, no_scales = np.zeros((2, 64), np.float32), np.zeros((2, 3), np.float32), cpu._NO_SCALES
+    bad = [(0, np.zeros((2, 68), np.uint8), no_scales, 32, x, out),                    # too few rows
+           (0, np.zeros((3, 64), np.uint8), no_scales, 32, x, out),                    # row bytes not q8_0's
+           (3, np.zeros((3, 105), np.uint8), no_scales, 256, x, out),                  # K not a multiple of 256
+           (4, np.zeros((3, 64), np.uint8), np.zeros((3, 1), np.float32), 32, x, out),  # scales per group
+           (5, np.zeros((3, 32), np.uint8), np.zeros((3, 2), np.float32), 32 * 3, x, out),
+           (4, np.zeros((3, 64), np.uint8), np.zeros((3, 2), np.float32), 32, x, out[:1].copy()),
+           (9, np.zeros((3, 64), np.uint8), no_scales, 32, x, out)]
+    for args in bad:
+        with pytest.raises(ValueError, match="do not fit format id"):
+            cpu._qmatmul_vnni.matmul(*args, 1)
 
 
 @pytest.mark.filterwarnings("ignore:qmatmul has no Triton kernel")

@@ -1,4 +1,5 @@
-"""CPU quantized matmul (Numba): one kernel for GEMV, skinny GEMM and prefill GEMM.
+"""CPU quantized matmul: the AVX-512 VNNI C kernels (bindings/_qmatmul_vnni.h) where the CPU has
+them, else Numba float32 kernels for GEMV, skinny GEMM and prefill GEMM.
 
 Parallel over tiles of TILE_ROWS output rows: each tile's weight rows are decoded once from the
 packed blocks into a float32 buffer (16 x in floats, L1/L2 resident) and multiplied with every
@@ -13,18 +14,18 @@ The decoders follow reference.py operation for operation without fused multiply-
 and dequantize() equal the reference (and gguf) bit for bit; the matmul kernels allow
 reassociation and contraction, as any float32 GEMM does.
 
-Dispatch (matmul): GEMV and skinny GEMM (M <= VNNI_MAX_M) of the VNNI_FORMATS run the C kernel
-of bindings/_qmatmul_vnni.h when the CPU has AVX-512 VNNI: activations quantized to int8 per
-block of 32 (llama.cpp's Q8_0 activations), integer dot products (vpdpbusd), float32 per-block
-scaling. Measured against the float kernels here (weights from DRAM, one thread): M = 1
-1.1x (int8) to 2.6x (q5_0), M = 16 1.1-1.4x, M = 32 1.0-1.1x, M = 128 0.6-0.95x: hence VNNI_MAX_M.
+Dispatch (matmul): every M of the VNNI_FORMATS runs the C kernel of bindings/_qmatmul_vnni.h when
+the CPU has AVX-512 VNNI: activations quantized to int8 per block of 32 (llama.cpp's Q8_0
+activations), integer dot products (vpdpbusd), float32 per-block scaling; weight tiles decoded once
+to signed int8 and reused by every activation row. Measured against the float kernels here (one
+thread, weights from DRAM for M = 1): M = 1 1.7x (int8) to 6.7x (q5_0, q6_k), M = 128 1.2-1.4x.
+Matrices under SINGLE_THREAD_MACS multiply-adds run on one thread: waking the second OpenMP
+thread (OMP_WAIT_POLICY=PASSIVE, a VM) costs 10-70 us, more than it saves on a 0.1 ms GEMV.
 Its error is that of the int8 activations: |y - x @ W.T| <= (|x|blockmax @ |W|.T) / 254 plus
 float32 rounding, with |x|blockmax each x replaced by the max |x| of its block of 32 (relative
-L2 error ~5e-3 on Gaussian x). Larger M and the other formats (q6_k, f16, f32; int4 groups not
-32 or a multiple of 64) use the float32-activation Numba kernels above (error ~1e-6): for
-M > 16 they beat the 256-bit integer kernel on this CPU (its per-block int32 -> float convert
-and scale multiply cost as much as the float FMAs it replaces). On CPUs without VNNI the Numba kernels serve every M
-(warned once).
+L2 error ~5e-3 on Gaussian x). The other formats (f16, f32; int4 groups not 32 or a multiple of
+64) use the float32-activation Numba kernels above (error ~1e-6), as does every format on CPUs
+without VNNI (warned once).
 """
 import numba
 import numpy as np
@@ -36,9 +37,9 @@ from .. import _numba  # noqa: F401  (thread-safe threading layer before any par
 
 FORMAT_IDS = {"q8_0": 0, "q5_0": 1, "q4_k": 2, "q6_k": 3, "int8": 4, "int4": 5, "f16": 6}
 FUSED_GEMV = ("q8_0", "q4_k", "int8", "int4")   # formats with a fused M = 1 kernel (q5_0 tried: no gain)
-VNNI_FORMATS = ("q8_0", "q5_0", "q4_k", "int8", "int4")
-VNNI_MAX_M = 16             # above, the float kernels are as fast (see the module docstring)
+VNNI_FORMATS = ("q8_0", "q5_0", "q4_k", "q6_k", "int8", "int4")
 HAS_VNNI = _qmatmul_vnni.has_vnni()
+SINGLE_THREAD_MACS = 1 << 22    # below: one thread (GEMVs of 0.6-1.3 M weights, 1.1-1.2x faster)
 TILE_ROWS = 16              # weight rows decoded per parallel work item (16 x in floats: L1/L2)
 _FAST = {"nnan", "ninf", "nsz", "arcp", "contract", "afn", "reassoc"}
 
@@ -378,11 +379,16 @@ def _kernel_args(qm):
 def uses_vnni(qm, M):
     """Whether matmul runs the int8-activation VNNI kernel for M rows of x against qm."""
     int4_layout_ok = qm.fmt != "int4" or qm.group_size == 32 or qm.group_size % 64 == 0
-    eligible = qm.fmt in VNNI_FORMATS and M <= VNNI_MAX_M and qm.group_size % 32 == 0 and int4_layout_ok
+    eligible = qm.fmt in VNNI_FORMATS and qm.group_size % 32 == 0 and int4_layout_ok and qm.shape[1] > 0
     if eligible and not HAS_VNNI:
-        warn_once("qmatmul-vnni", "qmatmul: this CPU has no AVX-512 VNNI; GEMV and skinny GEMM run on the "
-                                  "float32 Numba kernels (slower, more exact)")
+        warn_once("qmatmul-vnni", "qmatmul: this CPU has no AVX-512 VNNI; qmatmul runs on the float32 Numba "
+                                  "kernels (slower, more exact)")
     return eligible and HAS_VNNI
+
+
+def vnni_threads(qm, M):
+    """Threads for the VNNI kernel: one below SINGLE_THREAD_MACS multiply-adds (see the module docstring)."""
+    return 1 if M * qm.shape[0] * qm.shape[1] < SINGLE_THREAD_MACS else numba.get_num_threads()
 
 
 def matmul(x, qm):
@@ -394,7 +400,7 @@ def matmul(x, qm):
     if uses_vnni(qm, x.shape[0]):
         scales = _NO_SCALES if qm.scales is None else qm.scales
         _qmatmul_vnni.matmul(FORMAT_IDS[qm.fmt], qm.data.view(np.uint8), scales, qm.group_size, x, out,
-                             numba.get_num_threads())
+                             vnni_threads(qm, x.shape[0]))
         return out
     x = x.view()
     x.flags.writeable = False   # one compiled signature for every caller
