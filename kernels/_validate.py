@@ -29,6 +29,8 @@ def check_array(name, x, ndim, dtypes):
         raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(x.shape)}")
     if dtype_name(x) not in dtypes:
         raise TypeError(f"{name} must have dtype in {tuple(dtypes)}, got {dtype_name(x)}")
+    if kind == "numpy" and not x.dtype.isnative:  # the kernels read native-order bytes
+        raise TypeError(f"{name} must be in native byte order, got dtype {x.dtype.str!r}")
     return kind
 
 

@@ -68,3 +68,17 @@ def test_device_side_index_check_agrees_with_the_c_one(rng):
         indices = rng.integers(-2, 10, offsets[-1]).astype(np.int64)
         want = _checks.first_bad_index(indices, offsets, rows, B)
         assert first_bad_index_on_device(torch.from_numpy(indices), offsets, rows, B) == want
+
+
+@pytest.mark.parametrize("call", ["embedding_bag", "topk", "qmatmul"])
+def test_byte_swapped_arrays_are_rejected(call):
+    """Kernels read native-order bytes: a big-endian array must raise, not give garbage."""
+    from recscore.kernels import embedding_bag, qmatmul, quantize_matrix, topk
+    swapped = np.ones((4, 32), ">f4")
+    with pytest.raises(TypeError, match="native byte order"):
+        if call == "embedding_bag":
+            embedding_bag(swapped, np.zeros(2, np.int64), np.array([0, 2], np.int64))
+        elif call == "topk":
+            topk(swapped[:1], np.ones((4, 32), np.float32), 2)
+        else:
+            qmatmul(swapped, quantize_matrix(np.ones((8, 32), np.float32), "int8", group_size=32))
