@@ -22,6 +22,15 @@ extensions = [
         extra_link_args=["-fopenmp"],
         define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
     ),
+    Extension(
+        "recscore.bindings._embedding_bag",
+        ["bindings/_embedding_bag.pyx"],
+        depends=["bindings/_embedding_bag.h"],
+        include_dirs=[np.get_include(), "bindings"],
+        extra_compile_args=["-O3", "-fopenmp"],
+        extra_link_args=["-fopenmp"],
+        define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
+    ),
 ]
 
 setup(
