@@ -31,6 +31,15 @@ extensions = [
         extra_link_args=["-fopenmp"],
         define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
     ),
+    Extension(
+        "recscore.bindings._topk_scan",
+        ["bindings/_topk_scan.pyx"],
+        depends=["bindings/_topk_scan.h"],
+        include_dirs=[np.get_include(), "bindings"],
+        extra_compile_args=["-O3", "-fopenmp"],
+        extra_link_args=["-fopenmp"],
+        define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
+    ),
 ]
 
 setup(

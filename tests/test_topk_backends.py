@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from recscore.kernels import quantize_rows, topk, use_backend
+from recscore.kernels.topk import cpu as topk_cpu
 from recscore.kernels.topk.reference import score_block
 
 MOVIELENS = Path(__file__).resolve().parents[2] / "shared" / "data" / "ml-latest-small"
@@ -91,8 +92,8 @@ def test_cpu_close_on_random_data(rng, dtype, metric):
 @pytest.mark.parametrize("metric", ["ip", "cosine", "l2"])
 @pytest.mark.parametrize("d", [5, 64])
 def test_cpu_int8_few_queries(rng, metric, d):
-    """int8 with fewer than 4 queries in a block (B = 1..3, and B = 35: a block of 32 then one
-    of 3) takes the one-row-at-a-time path: several tiles, exclusions, a partial last tile."""
+    """int8 with fewer than 8 queries is scored on its codes where they lie (B = 35: query panels
+    on dequantized tiles): several tiles, exclusions, a partial last tile."""
     corpus = quantize_rows(rng.standard_normal((1300, d)).astype(np.float32), "int8")
     for B, k in [(1, 1), (1, 30), (2, 7), (3, 1300), (35, 20)]:
         queries = rng.standard_normal((B, d)).astype(np.float32)
@@ -206,6 +207,149 @@ def test_cpu_torch_inputs_and_threads(rng):
         t.join()
     for got, expected in zip(results, want):
         np.testing.assert_array_equal(got[1], expected[1])
+
+
+# ---- CPU C scan of float corpora (AVX-512 kernels and the portable path) ------------------------
+
+C_PATHS = [pytest.param(isa, id=name, marks=pytest.mark.skipif(topk_cpu.BEST_ISA < isa, reason=f"no {name}"))
+           for isa, name in [(topk_cpu.AVX512_VNNI, "avx512-vnni"), (topk_cpu.AVX512, "avx512"),
+                             (topk_cpu.PORTABLE, "portable")]]
+
+
+def c_scan_topk(queries, table, k, metric, exclude, isa):
+    """The CPU backend (validated inputs) with the C scan's code path chosen."""
+    return topk_cpu.topk(queries, table, k, metric, exclude, isa=isa)
+
+
+@pytest.mark.parametrize("isa", C_PATHS)
+@pytest.mark.parametrize("dtype", ["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("metric", ["ip", "l2"])
+def test_c_scan_exact_on_integer_data(rng, isa, dtype, metric):
+    """ids and scores equal the reference's exactly (ties included): one query at a time against 16 rows
+    (B < 8), panels of 16 queries with a partial last one, blocks of 1-4 panels, partial row blocks and
+    tiles, exclusions, k > candidates."""
+    for d, n in [(1, 700), (3, 1300), (64, 1111), (384, 130), (1000, 40)]:
+        corpus = quantize_rows(integer_data(rng, n, d), dtype)
+        for B, k in [(1, 7), (3, 1), (7, n), (8, 1), (17, 10), (40, 64), (67, 3), (9, n + 5)]:
+            if isa == topk_cpu.PORTABLE and B * n * d > 3_000_000:
+                continue  # the portable path is slow: its small cases cover the same code
+            queries = integer_data(rng, B, d)
+            exclude = random_exclusions(rng, B, n, n // 3) if B % 2 else None
+            got = c_scan_topk(queries, corpus, k, metric, exclude, isa)
+            want = reference_topk(queries, corpus, k, metric, exclude)
+            np.testing.assert_array_equal(got[1], want[1])
+            np.testing.assert_array_equal(got[0], want[0])
+
+
+@pytest.mark.parametrize("isa", C_PATHS)
+@pytest.mark.parametrize("dtype", ["fp16", "int8", "int4"])
+@pytest.mark.parametrize("metric", ["ip", "cosine", "l2"])
+def test_c_scan_close_on_random_data(rng, isa, dtype, metric):
+    """Both kernels (B < 8: int8 codes scored where they lie) and odd d (int4 rows end in half a byte)."""
+    corpus = quantize_rows(rng.standard_normal((2500, 41)).astype(np.float32), dtype)
+    for B in (5, 33):
+        queries = rng.standard_normal((B, 41)).astype(np.float32)
+        exclude = random_exclusions(rng, B, 2500, 900)
+        got = c_scan_topk(queries, corpus, 30, metric, exclude, isa)
+        want = reference_topk(queries, corpus, 30, metric, exclude)
+        assert_close_topk(got, want, queries, corpus, metric, exclude)
+
+
+@pytest.mark.parametrize("isa", C_PATHS)
+def test_c_scan_ties_heavy_exclusions_and_edges(rng, isa):
+    table = quantize_rows(np.ones((5000, 3), np.float32), "fp32")
+    queries = np.ones((9, 3), np.float32)
+    for B, k in [(9, 1), (9, 100), (9, 4096), (2, 4096)]:   # every score equal: the k smallest ids, in order
+        scores, ids = c_scan_topk(queries[:B], table, k, "ip", None, isa)
+        assert (ids == np.arange(k)).all() and (scores == 3).all()
+    lists = [np.arange(5000), np.zeros(0), np.arange(0, 5000, 2), np.array([4999, 0, 0])] + [np.zeros(0)] * 5
+    indptr = np.concatenate([[0], np.cumsum([len(x) for x in lists])]).astype(np.int64)
+    exclude = (indptr, np.concatenate(lists).astype(np.int64))
+    scores, ids = c_scan_topk(queries, table, 20, "l2", exclude, isa)
+    assert (ids[0] == -1).all() and (scores[0] == np.inf).all()
+    assert ids[2].tolist() == list(range(1, 40, 2)) and ids[3].tolist() == list(range(1, 21))
+    one = quantize_rows(integer_data(rng, 1, 4), "fp32")
+    scores, ids = c_scan_topk(integer_data(rng, 8, 4), one, 3, "cosine", None, isa)
+    assert (ids[:, 0] == 0).all() and (ids[:, 1:] == -1).all() and (scores[:, 1:] == -np.inf).all()
+    empty = quantize_rows(np.zeros((0, 4), np.float32), "fp32")
+    scores, ids = c_scan_topk(integer_data(rng, 8, 4), empty, 2, "ip", None, isa)
+    assert (ids == -1).all() and (scores == -np.inf).all()
+    halves = np.arange(0x7C00, dtype=np.uint16).view(np.float16)   # every finite half >= 0, subnormals too
+    scores, ids = c_scan_topk(np.ones((8, 1), np.float32), quantize_rows(halves[:, None], "fp16"), 5000, "ip",
+                              None, isa)
+    assert (ids == np.arange(0x7BFF, 0x7BFF - 5000, -1)).all() and (scores == halves[ids].astype(np.float32)).all()
+    scores, ids = c_scan_topk(-np.ones((8, 1), np.float32), quantize_rows(halves[:, None], "fp16"), 5, "ip",
+                              None, isa)
+    assert (ids == np.arange(5)).all() and (scores == -halves[:5].astype(np.float32)).all()
+
+
+@pytest.mark.parametrize("isa", C_PATHS)
+@pytest.mark.parametrize("bad", [np.nan, np.inf, 3e38])
+def test_c_scan_non_finite_scores_raise(isa, bad):
+    fp32, fp16 = quantize_rows(np.ones((1200, 5), np.float32), "fp32"), quantize_rows(np.ones((1200, 5)), "fp16")
+    fp32.data[1100, 2] = bad
+    fp16.data[1100, 2] = np.inf if bad == 3e38 else bad
+    for table in (fp32, fp16):
+        for metric in ("ip", "l2", "cosine"):
+            for B in (1, 20):
+                with pytest.raises(ValueError, match="corpus contains NaN or inf"):
+                    c_scan_topk(np.full((B, 5), 2, np.float32), table, 3, metric, None, isa)
+
+
+@pytest.mark.skipif(topk_cpu.BEST_ISA < topk_cpu.AVX512_VNNI, reason="no AVX-512 VNNI")
+@pytest.mark.parametrize("metric", ["ip", "cosine", "l2"])
+def test_c_scan_int8_vnni_preselection_is_exact(rng, metric):
+    """The VNNI bound only skips rows that cannot enter: the answer equals the float-only path's.
+    Every row is row 0 with one code moved by one (rows i and i + d are equal: ties), so scores
+    differ by one query value, and query values by less than the step they are quantized with."""
+    for d, n in [(5, 3000), (64, 2500), (1000, 300)]:
+        table = quantize_rows(rng.standard_normal((n, d)).astype(np.float32), "int8")
+        table.data[:] = table.data[0]
+        table.data[np.arange(n), np.arange(n) % d] ^= 1
+        table.scale[:], table.bias[:] = table.scale[0], table.bias[0]
+        for B, k in [(1, 1), (3, 50), (7, n + 1)]:
+            # few distinct values a query, each blurred below the quantization step: near-ties everywhere
+            queries = (integer_data(rng, B, d) / 2 + rng.standard_normal((B, d)) * 1e-5).astype(np.float32)
+            queries[0] = 0 if B == 3 else queries[0]   # a zero query: nothing to quantize
+            exclude = random_exclusions(rng, B, n, n // 4)
+            got = c_scan_topk(queries, table, k, metric, exclude, topk_cpu.AVX512_VNNI)
+            want = c_scan_topk(queries, table, k, metric, exclude, topk_cpu.AVX512)
+            np.testing.assert_array_equal(got[1], want[1])
+            np.testing.assert_array_equal(got[0], want[0])
+
+
+def test_c_scan_rejects_inconsistent_buffers():
+    """The binding checks every shape and offset the C code trusts (it must never read out of bounds)."""
+    from recscore.bindings import _topk_scan
+    rows, queries, none = np.zeros((10, 4), np.float32), np.zeros((3, 4), np.float32), np.zeros(0, np.float32)
+    no_ids, no_ptr = np.zeros(0, np.int64), np.zeros((0, 0), np.int64)
+
+    def scan(rows=rows, kind=0, scale=none, bias=none, queries=queries, k=2, tile_rows=6, ptr=no_ptr, ids=no_ids,
+             keys=None, threads=1):
+        keys = np.zeros((threads, len(queries), 2 * k + 16), np.int64) if keys is None else keys
+        _topk_scan.scan(0, kind, rows, scale, bias, queries, 0, k, tile_rows, ptr, ids, 2, keys,
+                        np.zeros(keys.shape[:2], np.int64), np.zeros(keys.shape[0], np.uint8), threads)
+
+    scan()
+    cases = [dict(rows=np.zeros((10, 5), np.float32)), dict(kind=4, rows=np.zeros((10, 4), np.uint8)),
+             dict(kind=3, rows=np.zeros((10, 4), np.uint8), scale=np.ones(9, np.float32), bias=np.ones(9, np.float32)),
+             dict(scale=np.ones(10, np.float32), bias=np.ones(10, np.float32)), dict(kind=7),
+             dict(keys=np.zeros((1, 3, 2), np.int64)), dict(keys=np.zeros((2, 3, 20), np.int64)),
+             dict(ptr=np.zeros((3, 2), np.int64)), dict(ptr=np.ones((3, 3), np.int64)),
+             dict(ptr=np.array([[0, 1, 0]] * 3, np.int64), ids=np.zeros(1, np.int64))]
+    for case in cases:
+        with pytest.raises((ValueError, TypeError)):
+            scan(**case)
+
+
+def test_c_scan_batch_equals_single_queries(rng):
+    """A batch (query panels) answers each query as it is answered alone (one query against 16 rows)."""
+    corpus = integer_data(rng, 3000, 20)
+    queries = integer_data(rng, 19, 20)
+    batch = cpu_topk(queries, corpus, 25, "l2")
+    one_by_one = [cpu_topk(q[None], corpus, 25, "l2") for q in queries]
+    np.testing.assert_array_equal(batch[1], np.concatenate([ids for _, ids in one_by_one]))
+    np.testing.assert_array_equal(batch[0], np.concatenate([s for s, _ in one_by_one]))
 
 
 # ---- int8 recall ------------------------------------------------------------------------
