@@ -203,29 +203,31 @@ def test_cpu_portable_loops(rng, dtype):
         cpu.lookup(batch, indices, offsets, 23, "sum", None, "error", portable=True)
 
 
-def fused_rows(table):
-    """The same int8/int4 table in FBGEMM's fused layout: codes, scale, bias in one (R, bytes + 8) buffer."""
-    rows, row_bytes = table.data.shape
-    buffer = np.empty((rows, row_bytes + 8), np.uint8)
-    buffer[:, :row_bytes] = table.data
-    buffer[:, row_bytes:] = np.stack([table.scale, table.bias], axis=1).view(np.uint8)
-    scale_and_bias = buffer[:, row_bytes:].view(np.float32)
-    return RowTable(table.dtype, table.shape, buffer[:, :row_bytes], scale_and_bias[:, 0], scale_and_bias[:, 1])
-
-
 @pytest.mark.parametrize("dtype", ["int8", "int4"])
 def test_cpu_fused_row_layout_and_strided_rows(rng, dtype):
     """qparams read in place from fused rows; float rows with a row stride larger than D, or negative (copied)."""
     quantized = [make_table(rng, 500, dim, dtype) for dim in (5, 64, 200)]
     strided = rng.standard_normal((300, 40)).astype(np.float32)[:, :33]
     reversed_rows = np.flipud(rng.standard_normal((70, 9)).astype(np.float32))
-    tables = [fused_rows(t) for t in quantized] + [RowTable("fp32", strided.shape, strided),
+    tables = [t.fused() for t in quantized] + [RowTable("fp32", strided.shape, strided),
                                                    RowTable("fp32", reversed_rows.shape, reversed_rows)]
     for indices, offsets, options in every_option(rng, tables, 41):
         check_cpu(tables, indices, offsets, **options)
     _, description, _ = cpu._prepare(TableBatch(tables))
     assert list(description[:3, 1]) == [t.scale.ctypes.data for t in tables[:3]]  # no copies
     assert description[3, 0] == strided.ctypes.data
+
+
+@pytest.mark.parametrize("position", range(5))
+def test_cpu_bad_index_at_each_position_of_a_bag(rng, position):
+    """The AVX-512 loop pools even and odd positions separately and an odd bag's last one alone: a bad
+    index is caught at each of them."""
+    table = make_table(rng, 10, 20, "fp32")
+    indices = np.array([1, 2] + [3, 4, 5, 6, 7], np.int64)
+    indices[2 + position] = 10
+    offsets = np.array([0, 2, 7], np.int64)
+    with use_backend("cpu"), pytest.raises(IndexError, match=rf"bag 1, position {position}"):
+        embedding_bag(table, indices, offsets)
 
 
 @pytest.mark.parametrize("portable", [False, True])

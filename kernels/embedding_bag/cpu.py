@@ -5,8 +5,9 @@ Why C and not Numba (the previous kernel): the FBGEMM-style row loop needs the p
 in zmm registers across a bag, masked loads for any D, and two software prefetches per row
 (into L2 far ahead, into L1 near) across bag boundaries. Numba kept the accumulator in memory,
 cost 13 cycles a row in cache against FBGEMM's 9 and 102 ns a row from DRAM against 67, and
-compiled for 22-25 s per index dtype on a cold cache. The C kernel takes 3-4 ns a row in cache
-(as torch) and 25-30 ns from DRAM on one thread (torch 38-45), and the first call now costs
+compiled for 22-25 s per index dtype on a cold cache. The C kernel takes 2.4 ns a row in cache
+(D=64 fp32, as torch) and, on one thread from DRAM, 24-28 ns after calls of its own (torch 38-40)
+but 38-42 ns right after a torch call (see EB_PREFETCH_BYTES in the .h), and the first call now costs
 about 0.3 s, nearly all of it importing numba (whose thread
 count, numba.get_num_threads(), sets the OpenMP threads, as for the other CPU kernels). It
 checks indices in its own pass, so bounds="error" costs no separate scan.
