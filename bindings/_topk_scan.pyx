@@ -22,7 +22,7 @@ def best_isa():
 
 def scan(int isa, int kind, rows, const float[::1] scale, const float[::1] bias,
          const float[:, ::1] queries, int metric, int64_t k, int64_t tile_rows,
-         const int64_t[:, ::1] excl_ptr, const int64_t[::1] excl_ids, int64_t n_chunks, int64_t[:, :, ::1] keys,
+         const int64_t[::1] excl_ptr, const int64_t[::1] excl_ids, int64_t n_chunks, int64_t[:, :, ::1] keys,
          int64_t[:, ::1] counts, uint8_t[::1] bad, int num_threads):
     """`rows` against every query, in n_chunks runs of whole tiles shared among num_threads threads:
     each thread's candidate keys per query in keys[thread] (counts[thread]; bad[thread] when a score
@@ -31,8 +31,8 @@ def scan(int isa, int kind, rows, const float[::1] scale, const float[::1] bias,
     rows: N C-contiguous rows of float32 (kind 0, (N, d)), uint16 bits of fp16 (1) / bf16 (2) ((N, d)), or
     uint8 codes of int8 (3, (N, d)) / int4 (4, (N, (d + 1) // 2)) with scale, bias (N,); else scale and
     bias are empty.
-    excl_ptr (B, n_tiles + 1) / excl_ids: exclusions bucketed by query and tile
-    (cpu._bucket_impl), or excl_ptr of shape (0, 0) for none. keys (num_threads, B, cap) with cap > k;
+    excl_ptr (B + 1) / excl_ids: the exclusion CSR (query q's ids, any order, at excl_ids[excl_ptr[q]:excl_ptr[q + 1]];
+    ids outside [0, N) are ignored), or excl_ptr of length 0 for none. keys (num_threads, B, cap) with cap > k;
     counts (num_threads, B) and bad (num_threads) zero on entry.
     """
     if isa < 0 or isa > tks_best_isa():
@@ -67,20 +67,20 @@ def scan(int isa, int kind, rows, const float[::1] scale, const float[::1] bias,
     if slots != num_threads or keys.shape[1] != B or counts.shape[0] != slots or counts.shape[1] != B \
             or bad.shape[0] != slots:
         raise ValueError("scan: output buffers do not match (num_threads, B, cap)")
-    cdef int64_t n_tiles = (n_rows + tile_rows - 1) // tile_rows
+    if n_rows > 0xFFFFFFFF:
+        raise ValueError("scan: at most 2**32 - 1 rows (ids are 32 bits in the candidate keys)")
     cdef const int64_t *ptr = NULL
     cdef const int64_t *ids = NULL
-    cdef int64_t q, t, n_ids = excl_ids.shape[0]
+    cdef int64_t q, n_ids = excl_ids.shape[0]
     if excl_ptr.shape[0]:
-        if excl_ptr.shape[0] != B or excl_ptr.shape[1] != n_tiles + 1:
-            raise ValueError("scan: excl_ptr must have shape (B, n_tiles + 1)")
-        for q in range(B):   # offsets in range and non-decreasing: C then reads only excl_ids[0:n_ids]
-            if excl_ptr[q, 0] < 0 or excl_ptr[q, n_tiles] > n_ids:
-                raise ValueError("scan: excl_ptr out of range")
-            for t in range(n_tiles):
-                if excl_ptr[q, t + 1] < excl_ptr[q, t]:
-                    raise ValueError("scan: excl_ptr decreases")
-        ptr = &excl_ptr[0, 0]
+        if excl_ptr.shape[0] != B + 1:
+            raise ValueError("scan: excl_ptr must have B + 1 offsets")
+        if excl_ptr[0] < 0 or excl_ptr[B] > n_ids:
+            raise ValueError("scan: excl_ptr out of range")
+        for q in range(B):   # non-decreasing too: C then reads only excl_ids[0:n_ids]
+            if excl_ptr[q + 1] < excl_ptr[q]:
+                raise ValueError("scan: excl_ptr decreases")
+        ptr = &excl_ptr[0]
         if n_ids:
             ids = &excl_ids[0]
     if B == 0 or n_rows == 0:

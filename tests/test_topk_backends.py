@@ -284,6 +284,42 @@ def test_c_scan_ties_heavy_exclusions_and_edges(rng, isa):
 
 
 @pytest.mark.parametrize("isa", C_PATHS)
+def test_c_scan_exclusions_sorted_by_tile_with_ties(rng, isa):
+    """The scan sorts each query's ids by tile itself: unsorted, repeated ids on tile and chunk
+    boundaries, a CSR that starts past 0, every score tied (the smallest ids not excluded win), one
+    query (16-row groups) and batches (panels)."""
+    n, d = 7001, 3
+    tile_rows = max(topk_cpu.ROWS_PER_BLOCK, topk_cpu.TILE_BYTES // (4 * d) // 6 * 6)
+    table = quantize_rows(np.ones((n, d), np.float32), "fp32")
+    edges = np.array([0, 1, tile_rows - 1, tile_rows, tile_rows + 1, 2 * tile_rows, n - 1], np.int64)
+    for B in (1, 5, 16, 37):
+        lists = [rng.permutation(np.concatenate([edges, edges[::2], rng.integers(0, 60, 40)]))
+                 if q % 3 else np.zeros(0, np.int64) for q in range(B)]
+        lists[-1] = np.arange(n)[::-1]   # every row: nothing left
+        indptr = 3 + np.concatenate([[0], np.cumsum([len(x) for x in lists])]).astype(np.int64)
+        ids_in = np.concatenate([np.full(3, 5)] + lists).astype(np.int64)   # 3 leading ids no query owns
+        for k in (1, 50, 4100):
+            scores, ids = c_scan_topk(np.ones((B, d), np.float32), table, k, "ip", (indptr, ids_in), isa)
+            for q in range(B):
+                allowed = np.setdiff1d(np.arange(n), lists[q])[:k]
+                assert ids[q, :len(allowed)].tolist() == allowed.tolist(), (B, k, q)
+                assert (ids[q, len(allowed):] == -1).all() and (scores[q, :len(allowed)] == d).all()
+
+
+@pytest.mark.parametrize("isa", C_PATHS)
+def test_c_scan_exclusions_random_against_reference(rng, isa):
+    """Random data, many tiles: each query's 0..30% excluded, as the reference answers."""
+    corpus = quantize_rows(rng.standard_normal((9000, 16)).astype(np.float32), "fp32")
+    for B in (1, 3, 20):
+        queries = rng.standard_normal((B, 16)).astype(np.float32)
+        exclude = random_exclusions(rng, B, 9000, 2700)
+        for metric in ("ip", "l2"):
+            got = c_scan_topk(queries, corpus, 40, metric, exclude, isa)
+            assert_close_topk(got, reference_topk(queries, corpus, 40, metric, exclude), queries, corpus, metric,
+                              exclude)
+
+
+@pytest.mark.parametrize("isa", C_PATHS)
 @pytest.mark.parametrize("bad", [np.nan, np.inf, 3e38])
 def test_c_scan_non_finite_scores_raise(isa, bad):
     fp32, fp16 = quantize_rows(np.ones((1200, 5), np.float32), "fp32"), quantize_rows(np.ones((1200, 5)), "fp16")
@@ -302,7 +338,7 @@ def test_c_scan_int8_vnni_preselection_is_exact(rng, metric):
     """The VNNI bound only skips rows that cannot enter: the answer equals the float-only path's.
     Every row is row 0 with one code moved by one (rows i and i + d are equal: ties), so scores
     differ by one query value, and query values by less than the step they are quantized with."""
-    for d, n in [(5, 3000), (64, 2500), (1000, 300)]:
+    for d, n in [(5, 3000), (64, 2500), (70, 1500), (1000, 300)]:
         table = quantize_rows(rng.standard_normal((n, d)).astype(np.float32), "int8")
         table.data[:] = table.data[0]
         table.data[np.arange(n), np.arange(n) % d] ^= 1
@@ -311,6 +347,7 @@ def test_c_scan_int8_vnni_preselection_is_exact(rng, metric):
             # few distinct values a query, each blurred below the quantization step: near-ties everywhere
             queries = (integer_data(rng, B, d) / 2 + rng.standard_normal((B, d)) * 1e-5).astype(np.float32)
             queries[0] = 0 if B == 3 else queries[0]   # a zero query: nothing to quantize
+            queries[-1, 0] = 1000 if B == 7 else queries[-1, 0]   # the rest under int8's step: a wide bound
             exclude = random_exclusions(rng, B, n, n // 4)
             got = c_scan_topk(queries, table, k, metric, exclude, topk_cpu.AVX512_VNNI)
             want = c_scan_topk(queries, table, k, metric, exclude, topk_cpu.AVX512)
@@ -322,7 +359,7 @@ def test_c_scan_rejects_inconsistent_buffers():
     """The binding checks every shape and offset the C code trusts (it must never read out of bounds)."""
     from recscore.bindings import _topk_scan
     rows, queries, none = np.zeros((10, 4), np.float32), np.zeros((3, 4), np.float32), np.zeros(0, np.float32)
-    no_ids, no_ptr = np.zeros(0, np.int64), np.zeros((0, 0), np.int64)
+    no_ids = no_ptr = np.zeros(0, np.int64)
 
     def scan(rows=rows, kind=0, scale=none, bias=none, queries=queries, k=2, tile_rows=6, ptr=no_ptr, ids=no_ids,
              keys=None, threads=1):
@@ -335,8 +372,9 @@ def test_c_scan_rejects_inconsistent_buffers():
              dict(kind=3, rows=np.zeros((10, 4), np.uint8), scale=np.ones(9, np.float32), bias=np.ones(9, np.float32)),
              dict(scale=np.ones(10, np.float32), bias=np.ones(10, np.float32)), dict(kind=7),
              dict(keys=np.zeros((1, 3, 2), np.int64)), dict(keys=np.zeros((2, 3, 20), np.int64)),
-             dict(ptr=np.zeros((3, 2), np.int64)), dict(ptr=np.ones((3, 3), np.int64)),
-             dict(ptr=np.array([[0, 1, 0]] * 3, np.int64), ids=np.zeros(1, np.int64))]
+             dict(ptr=np.zeros(3, np.int64)), dict(ptr=np.zeros((3, 4), np.int64)),
+             dict(ptr=np.array([0, 1, 1, 2], np.int64), ids=np.zeros(1, np.int64)),
+             dict(ptr=np.array([-1, 0, 0, 0], np.int64)), dict(ptr=np.array([0, 1, 0, 1], np.int64), ids=no_ids + 1)]
     for case in cases:
         with pytest.raises((ValueError, TypeError)):
             scan(**case)

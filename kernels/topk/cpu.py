@@ -1,7 +1,7 @@
 """Fused similarity top-k on the CPU: score corpus tiles and keep a running top-k per query.
 
-The scan is C (bindings/_topk_scan.h); this file validates its buffers, buckets the
-exclusions and merges the threads' candidates (Numba).
+The scan is C (bindings/_topk_scan.h); this file validates its buffers and merges the
+threads' candidates (Numba).
 
 Every candidate is one int64 key, `(order(score) << 32) | (0xFFFFFFFF - id)`: comparing
 keys compares scores, then prefers the smaller id, so the exact tie rule costs nothing.
@@ -10,8 +10,8 @@ keys above a threshold (the k-th best key so far); when the buffer fills, a quic
 keeps the best k and raises the threshold, so almost every score costs one compare.
 No (B, N) score matrix is ever held. Threads take chunks of corpus tiles (about 64 KB of
 float32 rows) in turn and each keeps one top-k per query over its chunks; `_merge` combines
-the threads' candidates. Exclusions are bucketed by query and tile once per call and masked
-inside the scan.
+the threads' candidates. Exclusions go to the scan as the CSR they come in: its threads sort
+each query's ids by tile (in C, no division), and mask each tile's survivors with a bitmap.
 
 B >= 8: queries in panels of 16; an AVX-512 outer-product block of 6 rows x 4 panels (24 zmm
 accumulators) whose score vectors (one row x 16 queries) meet the selection as one compare
@@ -25,8 +25,9 @@ machine). There int8 rows are scored on their codes where they lie,
 `scale * (codes . q) + bias * sum(q)` (5.3 ns a row on one core at d = 64; widening the tile
 first took twice the time); with AVX-512 VNNI an int16-quantized query gives exact integer dots
 and a proven bound on the float score first, and only groups of 16 rows where a bound reaches
-the threshold are scored in float (4.9 ns a row at d = 64, where the single-core read is the
-limit; 17.7 instead of 29.3 at d = 384). Otherwise fp16/bf16 tiles are widened and int8/int4 tiles
+the threshold are scored in float (d = 64: 3.0 ns a row on one core, its 16 rows a column step at a time with
+the sums in registers and the next groups prefetched, where row by row took 4.9; d = 384: 17
+ns row by row, instead of 29.3 without VNNI). Otherwise fp16/bf16 tiles are widened and int8/int4 tiles
 dequantized (code * scale + bias, the reference's rounding) into a per-thread float32 tile
 buffer, never the whole corpus: at B = 16 that is 2x the Numba code loops it replaces.
 Without AVX-512 the panel algorithm runs as portable C, with a warning.
@@ -47,7 +48,7 @@ BEST_ISA = _topk_scan.best_isa()
 TILE_BYTES = 1 << 16     # float32 rows a tile: re-read from L2 by every block of query panels
 ROWS_PER_BLOCK = 6       # TKS_MR: tiles hold whole register blocks of rows
 CHUNKS_PER_THREAD = 8    # chunks of tiles a thread: a core slowed by other work takes fewer
-SERIAL_MERGE_BELOW = 64  # smaller batches bucket and merge on one thread (a parallel region costs more)
+SERIAL_MERGE_BELOW = 64  # smaller batches merge on one thread (a parallel region costs more)
 LOW32 = 0xFFFFFFFF
 
 
@@ -85,35 +86,6 @@ def _keep_best(keys, n, k):
             hi = store - 1
         else:
             lo = store + 1
-
-
-def _bucket_impl(indptr, ids, tile_rows, n_tiles):
-    """Each query's excluded ids grouped by corpus tile (a counting sort): (ptr (B, n_tiles + 1), ids).
-
-    Query-major: the counting touches one query's row of offsets at a time (a (tile, query)
-    order scattered its writes over the whole array: 3x the cost at B = 256), and queries are
-    independent (each writes its own row and its own range of ids).
-    """
-    B = indptr.shape[0] - 1
-    ptr = np.zeros((B, n_tiles + 1), np.int64)
-    out = np.empty_like(ids)
-    for q in prange(B):
-        lo, hi = indptr[q], indptr[q + 1]
-        for p in range(lo, hi):
-            ptr[q, ids[p] // tile_rows + 1] += 1
-        ptr[q, 0] = lo
-        for t in range(n_tiles):
-            ptr[q, t + 1] += ptr[q, t]
-        fill = ptr[q, :n_tiles].copy()
-        for p in range(lo, hi):
-            t = ids[p] // tile_rows
-            out[fill[t]] = ids[p]
-            fill[t] += 1
-    return ptr, out
-
-
-_bucket_parallel = njit(parallel=True, nogil=True, cache=True)(_bucket_impl)
-_bucket_serial = njit(nogil=True, cache=True)(_bucket_impl)
 
 
 def _merge_impl(keys, counts, k, negate, scores_out, ids_out):
@@ -165,11 +137,8 @@ def topk(queries, corpus, k, metric, exclude, *, isa=BEST_ISA):
         warn_once("topk-avx512", "topk: this CPU has no AVX-512; the scan runs as portable C (slower)")
     tile_rows = max(ROWS_PER_BLOCK, TILE_BYTES // (4 * max(dim, 1)) // ROWS_PER_BLOCK * ROWS_PER_BLOCK)
     n_tiles = (n_rows + tile_rows - 1) // tile_rows
-    if exclude is None:
-        bucket_ptr, bucket_ids = np.zeros((0, 0), np.int64), np.zeros(0, np.int64)
-    else:
-        bucket = _bucket_serial if B < SERIAL_MERGE_BELOW else _bucket_parallel
-        bucket_ptr, bucket_ids = bucket(exclude[0], exclude[1], tile_rows, n_tiles)
+    no_exclusions = np.zeros(0, np.int64)
+    excl_ptr, excl_ids = (no_exclusions, no_exclusions) if exclude is None else exclude
     threads = numba.get_num_threads()
     n_chunks = max(1, min(n_tiles, CHUNKS_PER_THREAD * threads))
     cap = 2 * k + 16
@@ -182,7 +151,7 @@ def topk(queries, corpus, k, metric, exclude, *, isa=BEST_ISA):
     scale = no_qparams if corpus.scale is None else np.ascontiguousarray(corpus.scale, dtype=np.float32)
     bias = no_qparams if corpus.bias is None else np.ascontiguousarray(corpus.bias, dtype=np.float32)
     _topk_scan.scan(isa, DTYPE_CODES[corpus.dtype], rows, scale, bias, queries, METRIC_CODES[metric], k,
-                    tile_rows, bucket_ptr, bucket_ids, n_chunks, keys, counts, bad.view(np.uint8), threads)
+                    tile_rows, excl_ptr, excl_ids, n_chunks, keys, counts, bad.view(np.uint8), threads)
     if bad.any():
         raise ValueError("corpus contains NaN or inf (a score came out non-finite)")
     merge = _merge_serial if B < SERIAL_MERGE_BELOW else _merge_parallel
