@@ -14,6 +14,8 @@ MAX_WEIGHT_SETS), on both sides - our packed copies, the peers' own float32 and 
 copies - and every call takes the next copy, so one rotation of ours touches > 96 MB (3x the
 32 MB L3). The bandwidth peer sums the next slice of a buffer of n times the packed bytes. The
 640 -> 262144 output projection (178 MB of Q8_0) is larger than L3 by itself: one copy.
+M > 1 reads the 16-row VNNI panels that qmatmul builds at a matrix's first M > 1 call (a load-time
+cost, stated in RESULTS.md); one call per copy builds them before timing, as loading a model would.
 """
 import itertools
 import math
@@ -79,6 +81,8 @@ def comparisons(quick=False):
         xs = {M: [rng.standard_normal((M, in_features)).astype(np.float32) for _ in range(N_SETS)] for M in (1, 16, 128)}
         xts = {M: [torch.from_numpy(x) for x in sets] for M, sets in xs.items()}
         rotation = f"{len(copies)} rotated weight copies" if len(copies) > 1 else "one weight > L3"
+        for copy in copies:  # build the M > 1 panels now: a load-time cost, not a per-call one
+            qmatmul(xs[16][0], copy)
 
         def ours(M):
             next_qm = rotating(copies)

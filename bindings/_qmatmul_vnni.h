@@ -7,7 +7,7 @@
  * half block of 16, per group of 4 int32 lanes). q4_k's mins term, dmin * m * sum(x), uses the
  * exact float sum of x over the block.
  *
- * Three kernels:
+ * Four kernels:
  * - qmv_gemv_signed (M = 1; q8_0, int8): codes read in place; vpdpbusd(|w|, sign(w) * q).
  * - qmv_gemv_biased (M = 1; q5_0, q4_k, q6_k, int4): codes decoded in registers to their unsigned
  *   form (q5_0 0..31, q4_k 0..15, q6_k 0..63, int4 0..15) and multiplied with signed q; the bias
@@ -15,7 +15,10 @@
  * - qmv_matmul's tiles (M > 1): 4 weight rows decoded once to signed codes (w = code - bias) with
  *   -128 * sum(w) per block, which seeds vpdpbusd(q + 128, w); each tile meets 4 activation rows
  *   at a time in registers, so a decoded weight block is loaded once per 4 activation rows.
- * Parallel over rows or tiles of 4 (OpenMP, dynamic schedule in chunks of QMV_CHUNK tiles).
+ * - qmv_panel_matmul (M > 1): weights repacked once per matrix into panels of 16
+ *   rows (qmv_repack; layout below), 16 output rows per vpdpbusd, 2.1-5.7x the tiles on one core.
+ * Parallel over rows or tiles of 4 (OpenMP, dynamic schedule in chunks of QMV_CHUNK tiles), but
+ * statically split in contiguous ranges for the signed GEMV and the panels (see there).
  *
  * Only the functions marked VNNI use those instructions; callers check qmv_has_vnni() first,
  * so the extension itself runs on any x86-64 CPU.
@@ -113,6 +116,22 @@ VNNI static inline __m256i qmv_nibbles(__m128i bytes)
 }
 
 /* Weight row r -> row (scales, -128 * sums, codes: in place or decoded into `decoded`). */
+/* Q6_K: the unsigned 6-bit codes (0..63) of the 4 blocks of 32 in half h of a super-block. Block t
+ * takes nibble t / 2 of ql[64h + 32 (t % 2) + i] and bits 2t, 2t + 1 of qh[32h + i] (reference._q6_k). */
+VNNI static inline void qmv_q6_k_codes(const uint8_t *block, int h, __m256i q[4])
+{
+    const __m256i low4 = _mm256_set1_epi8(15), low2 = _mm256_set1_epi8(3);
+    const __m256i ql0 = _mm256_loadu_si256((const __m256i *)(block + 64 * h));
+    const __m256i ql1 = _mm256_loadu_si256((const __m256i *)(block + 64 * h + 32));
+    const __m256i qh = _mm256_loadu_si256((const __m256i *)(block + 128 + 32 * h));
+    q[0] = _mm256_or_si256(_mm256_and_si256(ql0, low4), _mm256_slli_epi16(_mm256_and_si256(qh, low2), 4));
+    q[1] = _mm256_or_si256(_mm256_and_si256(ql1, low4), _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 2), low2), 4));
+    q[2] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql0, 4), low4),
+                           _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 4), low2), 4));
+    q[3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql1, 4), low4),
+                           _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 6), low2), 4));
+}
+
 VNNI static void qmv_prepare_row(int fmt, const uint8_t *data, int64_t row_bytes, const float *scales,
                                  int64_t group_size, int64_t K, int64_t r, int8_t *decoded, qmv_row *row)
 {
@@ -161,24 +180,14 @@ VNNI static void qmv_prepare_row(int fmt, const uint8_t *data, int64_t row_bytes
             qmv_set_scale(row, b, qmv_fp16(block));
         }
     } else if (fmt == QMV_Q6_K) {
-        /* in each half h of 128 weights, block t = 0..3 takes nibble t / 2 of ql[64h + 32 (t % 2) + i]
-         * and bits 2t, 2t + 1 of qh[32h + i] (reference._q6_k); code = q - 32 in [-32, 31] */
-        const __m256i low4 = _mm256_set1_epi8(15), low2 = _mm256_set1_epi8(3), bias = _mm256_set1_epi8(32);
+        /* signed code = q - 32 in [-32, 31] */
+        const __m256i bias = _mm256_set1_epi8(32);
         for (int64_t sb = 0; sb < K / 256; sb++) {
             const uint8_t *block = src + 210 * sb;
             const float d = qmv_fp16(block + 208);
             for (int h = 0; h < 2; h++) {
-                const __m256i ql0 = _mm256_loadu_si256((const __m256i *)(block + 64 * h));
-                const __m256i ql1 = _mm256_loadu_si256((const __m256i *)(block + 64 * h + 32));
-                const __m256i qh = _mm256_loadu_si256((const __m256i *)(block + 128 + 32 * h));
                 __m256i q[4];
-                q[0] = _mm256_or_si256(_mm256_and_si256(ql0, low4), _mm256_slli_epi16(_mm256_and_si256(qh, low2), 4));
-                q[1] = _mm256_or_si256(_mm256_and_si256(ql1, low4),
-                                       _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 2), low2), 4));
-                q[2] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql0, 4), low4),
-                                       _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 4), low2), 4));
-                q[3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql1, 4), low4),
-                                       _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 6), low2), 4));
+                qmv_q6_k_codes(block, h, q);
                 for (int t = 0; t < 4; t++)
                     _mm256_storeu_si256((__m256i *)(decoded + 256 * sb + 128 * h + 32 * t),
                                         _mm256_sub_epi8(q[t], bias));
@@ -306,7 +315,10 @@ VNNI static void qmv_gemv_signed(int fmt, const uint8_t *data, int64_t row_bytes
     const int64_t groups = K / group_size, blocks_per_group = group_size / 32;
     const int64_t stride = fmt == QMV_Q8_0 ? 34 : 32, skip = fmt == QMV_Q8_0 ? 2 : 0;
     const int64_t n_tiles = (N + QMV_ROWS - 1) / QMV_ROWS;
-    #pragma omp parallel for schedule(dynamic, QMV_CHUNK) num_threads(num_threads) if (n_tiles > 1)
+    /* one contiguous range of rows per thread: for the 178 MB output projection, two streams in
+     * interleaved chunks of QMV_CHUNK tiles ran at 0.47x of torch's read bandwidth, two contiguous
+     * ones at ~1x (prefetch distances 0-16 KiB measured: within noise) */
+    #pragma omp parallel for schedule(static) num_threads(num_threads) if (n_tiles > 1)
     for (int64_t t = 0; t < n_tiles; t++) {
         const uint8_t *src[QMV_ROWS];
         const float *row_scales[QMV_ROWS];
@@ -409,25 +421,15 @@ VNNI static inline __attribute__((always_inline)) float qmv_biased_row(
                 mins += dmin * ((float)m0 * xsum[b] + (float)m1 * xsum[b + 1]);
             }
         }
-    } else {   /* QMV_Q6_K: layout as in qmv_prepare_row; lanes 0-3 and 4-7 of a block have their own scale */
-        const __m256i low2 = _mm256_set1_epi8(3);
+    } else {   /* QMV_Q6_K: lanes 0-3 and 4-7 of a block have their own scale */
         const __m512i halves = _mm512_set_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 0, 0, 0, 0);
         for (int64_t sb = 0; sb < K / 256; sb++) {
             const uint8_t *block = src + 210 * sb;
             const __m512i sc_int = _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(block + 192)));
             const __m512 sc = _mm512_mul_ps(_mm512_set1_ps(qmv_fp16(block + 208)), _mm512_cvtepi32_ps(sc_int));
             for (int h = 0; h < 2; h++) {
-                const __m256i ql0 = _mm256_loadu_si256((const __m256i *)(block + 64 * h));
-                const __m256i ql1 = _mm256_loadu_si256((const __m256i *)(block + 64 * h + 32));
-                const __m256i qh = _mm256_loadu_si256((const __m256i *)(block + 128 + 32 * h));
                 __m256i q[4];
-                q[0] = _mm256_or_si256(_mm256_and_si256(ql0, low4), _mm256_slli_epi16(_mm256_and_si256(qh, low2), 4));
-                q[1] = _mm256_or_si256(_mm256_and_si256(ql1, low4),
-                                       _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 2), low2), 4));
-                q[2] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql0, 4), low4),
-                                       _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 4), low2), 4));
-                q[3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql1, 4), low4),
-                                       _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 6), low2), 4));
+                qmv_q6_k_codes(block, h, q);
                 for (int t = 0; t < 4; t++) {
                     const int64_t b = 8 * sb + 4 * h + t;
                     const __m256 lane_scale = _mm512_castps512_ps256(_mm512_permutexvar_ps(
@@ -557,4 +559,200 @@ VNNI static int qmv_matmul(int fmt, const uint8_t *data, int64_t row_bytes, cons
     free(xd);
     free(xsum);
     return failed ? -1 : 0;
+}
+
+/* ---- Repacked panels (M > 1, built once per matrix) ----
+ * Panel p holds weight rows 16p .. 16p + 15 (rows past N: zero codes and scales). Per block b of 32
+ * weights it takes QMV_PANEL_BLOCK bytes: 8 x 64 bytes of signed codes, where the 64 bytes j hold
+ * codes 4j .. 4j + 3 of each of the 16 rows (row r at bytes 4r .. 4r + 3), then 16 int32 seeds
+ * (-128 * sum of the row's codes), 16 float scales, 16 float mins (q4_k's dmin * m, else 0). One
+ * vpdpbusd of a zmm of codes with 4 activation bytes broadcast to every lane adds 16 rows' partial
+ * sums at once: per block and activation row, 8 vpdpbusd, 1 conversion, 1 multiply and 1 FMA (and
+ * one for q4_k's mins) give 16 outputs. 1.375 bytes per weight (q8_0 packs 1.06, q4_k 0.56).
+ * q6_k has a scale per half block of 16 (codes 64 bytes j = 0..3 and 4..7): its seeds and scales
+ * there are the first half's, the mins' place holds the second half's scales, and 64 more bytes
+ * its seeds (768 bytes per block; 1.5 bytes per weight). */
+#define QMV_PANEL 16
+#define QMV_PANEL_SEEDS 512
+#define QMV_PANEL_SCALES 576
+#define QMV_PANEL_MINS 640
+#define QMV_PANEL_HIGH_SCALES 640
+#define QMV_PANEL_HIGH_SEEDS 704
+#define QMV_PANEL_BLOCK(fmt) ((fmt) == QMV_Q6_K ? 768 : 704)
+
+static int64_t qmv_panel_bytes(int fmt, int64_t N, int64_t K)
+{
+    return (N + QMV_PANEL - 1) / QMV_PANEL * (K / 32) * QMV_PANEL_BLOCK(fmt);
+}
+
+/* W (N, K) in format fmt -> panels (qmv_panel_bytes(N, K) bytes, zeroed by the caller). Returns 0,
+ * or -1 when memory runs out. */
+VNNI static int qmv_repack(int fmt, const uint8_t *data, int64_t row_bytes, const float *scales, int64_t group_size,
+                           int64_t N, int64_t K, uint8_t *panels, int num_threads)
+{
+    const int64_t nb = K / 32, n_panels = (N + QMV_PANEL - 1) / QMV_PANEL, block_bytes = QMV_PANEL_BLOCK(fmt);
+    int failed = 0;
+    #pragma omp parallel num_threads(num_threads)
+    {
+        int8_t *decoded = malloc((size_t)K);
+        float *row_floats = malloc(sizeof(float) * (size_t)(3 * nb));
+        __m256i *neg_sums = aligned_alloc(32, sizeof(__m256i) * (size_t)nb);
+        const int ready = decoded != NULL && row_floats != NULL && neg_sums != NULL;
+        if (!ready) {
+            #pragma omp atomic write
+            failed = 1;
+        }
+        qmv_row row = {NULL, 0, row_floats, neg_sums, row_floats + 2 * nb};
+        #pragma omp for schedule(static)
+        for (int64_t p = 0; p < n_panels; p++) {
+            if (!ready)
+                continue;
+            for (int64_t r = 0; r < QMV_PANEL && p * QMV_PANEL + r < N; r++) {
+                qmv_prepare_row(fmt, data, row_bytes, scales, group_size, K, p * QMV_PANEL + r, decoded, &row);
+                for (int64_t b = 0; b < nb; b++) {
+                    uint8_t *block = panels + (p * nb + b) * block_bytes;
+                    for (int j = 0; j < 8; j++)
+                        memcpy(block + 64 * j + 4 * r, row.codes + b * row.stride + 4 * j, 4);
+                    int32_t lanes[8], seed = 0, high_seed = 0;   /* lane l: codes 4l .. 4l + 3 */
+                    _mm256_storeu_si256((__m256i *)lanes, row.neg_sum[b]);
+                    for (int l = 0; l < 8; l++)
+                        *(l < 4 || fmt != QMV_Q6_K ? &seed : &high_seed) += lanes[l];
+                    memcpy(block + QMV_PANEL_SEEDS + 4 * r, &seed, 4);
+                    memcpy(block + QMV_PANEL_SCALES + 4 * r, &row.scale[2 * b], 4);
+                    if (fmt == QMV_Q6_K) {
+                        memcpy(block + QMV_PANEL_HIGH_SCALES + 4 * r, &row.scale[2 * b + 1], 4);
+                        memcpy(block + QMV_PANEL_HIGH_SEEDS + 4 * r, &high_seed, 4);
+                    } else {
+                        const float min = fmt == QMV_Q4_K ? row.min[b] : 0.0f;
+                        memcpy(block + QMV_PANEL_MINS + 4 * r, &min, 4);
+                    }
+                }
+            }
+        }
+        free(decoded);
+        free(row_floats);
+        free(neg_sums);
+    }
+    return failed ? -1 : 0;
+}
+
+/* out[m0 + m, 16 (p0 + p) + lane] for XR activation rows and NP panels of format fmt; XR, NP and
+ * fmt are constants in each inlined copy, so the accumulators live in registers. */
+VNNI static inline __attribute__((always_inline)) void qmv_panel_tile(
+    const int XR, const int NP, const int fmt, const uint8_t *panels, int64_t p0, const uint8_t *xu,
+    const float *xd, const float *xsum, int64_t K, int64_t m0, int64_t N, float *out)
+{
+    const int64_t nb = K / 32, block_bytes = QMV_PANEL_BLOCK(fmt);
+    const int halves = fmt == QMV_Q6_K;
+    __m512 acc[4][2];
+    for (int m = 0; m < XR; m++)
+        for (int p = 0; p < NP; p++)
+            acc[m][p] = _mm512_setzero_ps();
+    for (int64_t b = 0; b < nb; b++) {
+        const uint8_t *block[2];
+        __m512i isum[4][2], high[4][2];   /* q6_k: high[m][p] sums the codes of j = 4..7 */
+        for (int p = 0; p < NP; p++) {
+            block[p] = panels + ((p0 + p) * nb + b) * block_bytes;
+            const __m512i seed = _mm512_loadu_si512(block[p] + QMV_PANEL_SEEDS);
+            for (int m = 0; m < XR; m++)
+                isum[m][p] = seed;
+            if (halves) {
+                const __m512i high_seed = _mm512_loadu_si512(block[p] + QMV_PANEL_HIGH_SEEDS);
+                for (int m = 0; m < XR; m++)
+                    high[m][p] = high_seed;
+            }
+        }
+        _Pragma("GCC unroll 8")
+        for (int j = 0; j < 8; j++) {
+            __m512i w[2];
+            for (int p = 0; p < NP; p++)
+                w[p] = _mm512_loadu_si512(block[p] + 64 * j);
+            for (int m = 0; m < XR; m++) {
+                int32_t four;
+                memcpy(&four, xu + (m0 + m) * K + 32 * b + 4 * j, 4);
+                const __m512i xb = _mm512_set1_epi32(four);
+                for (int p = 0; p < NP; p++) {
+                    if (halves && j >= 4)
+                        high[m][p] = _mm512_dpbusd_epi32(high[m][p], xb, w[p]);
+                    else
+                        isum[m][p] = _mm512_dpbusd_epi32(isum[m][p], xb, w[p]);
+                }
+            }
+        }
+        for (int m = 0; m < XR; m++) {
+            const __m512 xs = _mm512_set1_ps(xd[(m0 + m) * nb + b]);
+            for (int p = 0; p < NP; p++) {
+                const __m512 scale = _mm512_mul_ps(_mm512_loadu_ps((const float *)(block[p] + QMV_PANEL_SCALES)), xs);
+                acc[m][p] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum[m][p]), scale, acc[m][p]);
+                if (halves) {
+                    const __m512 high_scale = _mm512_mul_ps(
+                        _mm512_loadu_ps((const float *)(block[p] + QMV_PANEL_HIGH_SCALES)), xs);
+                    acc[m][p] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(high[m][p]), high_scale, acc[m][p]);
+                }
+                if (fmt == QMV_Q4_K)
+                    acc[m][p] = _mm512_fnmadd_ps(_mm512_loadu_ps((const float *)(block[p] + QMV_PANEL_MINS)),
+                                                 _mm512_set1_ps(xsum[(m0 + m) * nb + b]), acc[m][p]);
+            }
+        }
+    }
+    for (int p = 0; p < NP; p++) {
+        const int64_t col = (p0 + p) * QMV_PANEL, left = N - col;
+        const __mmask16 keep = left >= QMV_PANEL ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1);
+        for (int m = 0; m < XR; m++)
+            _mm512_mask_storeu_ps(out + (m0 + m) * N + col, keep, acc[m][p]);
+    }
+}
+
+/* every activation row against panels p0 (and p0 + 1 when two), 4 rows at a time; fmt: only
+ * whether it is q4_k, q6_k or another matters */
+VNNI static inline __attribute__((always_inline)) void qmv_panel_rows(
+    const int fmt, int two, const uint8_t *panels, int64_t p0, const uint8_t *xu, const float *xd,
+    const float *xsum, int64_t K, int64_t M, int64_t N, float *out)
+{
+    int64_t m0 = 0;
+    for (; m0 + 4 <= M; m0 += 4) {
+        if (two)
+            qmv_panel_tile(4, 2, fmt, panels, p0, xu, xd, xsum, K, m0, N, out);
+        else
+            qmv_panel_tile(4, 1, fmt, panels, p0, xu, xd, xsum, K, m0, N, out);
+    }
+    for (; m0 < M; m0++) {
+        if (two)
+            qmv_panel_tile(1, 2, fmt, panels, p0, xu, xd, xsum, K, m0, N, out);
+        else
+            qmv_panel_tile(1, 1, fmt, panels, p0, xu, xd, xsum, K, m0, N, out);
+    }
+}
+
+/* out (M, N) = x (M, K) @ W.T from the panels of qmv_repack (format fmt). Parallel
+ * over pairs of panels, statically split; each pair (2 x 16 rows, 32 K bytes of codes: L1) meets
+ * every activation row, 4 at a time. Returns 0, or -1 when memory runs out. */
+VNNI static int qmv_panel_matmul(int fmt, const uint8_t *panels, int64_t N, int64_t K, const float *x, int64_t M,
+                                 float *out, int num_threads)
+{
+    const int64_t nb = K / 32, n_panels = (N + QMV_PANEL - 1) / QMV_PANEL, n_pairs = (n_panels + 1) / 2;
+    uint8_t *xu = malloc((size_t)(M * K));
+    float *xd = malloc(sizeof(float) * (size_t)(M * nb));
+    float *xsum = malloc(sizeof(float) * (size_t)(M * nb));
+    if (xu == NULL || xd == NULL || xsum == NULL) {
+        free(xu);
+        free(xd);
+        free(xsum);
+        return -1;
+    }
+    qmv_quantize_x(x, M * nb, xu, xd, xsum);
+    #pragma omp parallel for schedule(static) num_threads(num_threads) if (n_pairs > 1)
+    for (int64_t pair = 0; pair < n_pairs; pair++) {
+        const int64_t p0 = 2 * pair;
+        const int two = p0 + 1 < n_panels;
+        switch (fmt) {   /* a constant fmt per copy of the row loop */
+        case QMV_Q4_K: qmv_panel_rows(QMV_Q4_K, two, panels, p0, xu, xd, xsum, K, M, N, out); break;
+        case QMV_Q6_K: qmv_panel_rows(QMV_Q6_K, two, panels, p0, xu, xd, xsum, K, M, N, out); break;
+        default: qmv_panel_rows(QMV_Q8_0, two, panels, p0, xu, xd, xsum, K, M, N, out); break;
+        }
+    }
+    free(xu);
+    free(xd);
+    free(xsum);
+    return 0;
 }

@@ -182,8 +182,9 @@ VNNI_CASES = [("q8_0", 32), ("q5_0", 32), ("q4_k", 256), ("q6_k", 256), ("int8",
 @pytest.mark.parametrize("fmt,group_size", VNNI_CASES)
 def test_int8_activation_path(rng, fmt, group_size):
     """Every VNNI format and M (M = 1: the fused GEMVs, signed for q8_0/int8, biased for the
-    others; M > 1: the tiled kernel), called directly: the error bound, relative L2 error < 1e-2,
-    odd out_features, the same bits for 1 and 2 threads, and qmatmul dispatching to it."""
+    others; M > 1: the tiled kernel and the repacked-panel kernel), called directly:
+    the error bound, relative L2 error < 1e-2, odd out_features, the same bits for 1 and 2 threads,
+    and qmatmul dispatching to the panels for M > 1 (else the tiled kernel or GEMV)."""
     in_features = 512 if fmt in ("q4_k", "q6_k") else 3 * max(group_size, 64)
     if fmt.startswith("int"):
         qm = quantize_matrix(rng.standard_normal((OUT_FEATURES, in_features)).astype(np.float32), fmt,
@@ -195,17 +196,73 @@ def test_int8_activation_path(rng, fmt, group_size):
     for M in M_VALUES:
         x = (rng.standard_normal((M, in_features)) * rng.uniform(0.1, 10, (M, 1))).astype(np.float32)
         assert cpu.uses_vnni(qm, M)
-        results = []
-        for threads in (1, 2):
-            out = np.empty((M, OUT_FEATURES), np.float32)
-            scales = cpu._NO_SCALES if qm.scales is None else qm.scales
-            cpu._qmatmul_vnni.matmul(cpu.FORMAT_IDS[fmt], qm.data.view(np.uint8), scales, qm.group_size, x, out, threads)
-            results.append(out)
-        assert results[0].tobytes() == results[1].tobytes()
-        check_close(results[0], x, qm, "cpu")
+        assert cpu.uses_panels(qm, M) == (M > 1)
+        kernels = {"tiled": lambda out, threads: cpu._qmatmul_vnni.matmul(
+            cpu.FORMAT_IDS[fmt], qm.data.view(np.uint8), scales, qm.group_size, x, out, threads)}
+        if M > 1:
+            kernels["panels"] = lambda out, threads: cpu._qmatmul_vnni.panel_matmul(
+                cpu.FORMAT_IDS[fmt], cpu.vnni_panels(qm), x, out, threads)
+        scales = cpu._NO_SCALES if qm.scales is None else qm.scales
         exact = x.astype(np.float64) @ weight.T
-        assert np.linalg.norm(results[0] - exact) <= 1e-2 * np.linalg.norm(exact)
-        assert qmatmul(x, qm).tobytes() == results[0].tobytes()
+        by_kernel = {}
+        for name, kernel in kernels.items():
+            results = []
+            for threads in (1, 2):
+                out = np.empty((M, OUT_FEATURES), np.float32)
+                kernel(out, threads)
+                results.append(out)
+            assert results[0].tobytes() == results[1].tobytes()
+            check_close(results[0], x, qm, "cpu")
+            assert np.linalg.norm(results[0] - exact) <= 1e-2 * np.linalg.norm(exact)
+            by_kernel[name] = results[0]
+        assert qmatmul(x, qm).tobytes() == by_kernel["panels" if cpu.uses_panels(qm, M) else "tiled"].tobytes()
+
+
+@pytest.mark.skipif(not cpu.HAS_VNNI, reason="the panel kernel needs AVX-512 VNNI")
+def test_panel_kernel_limits_and_shapes(rng, monkeypatch):
+    """Matrices above PANEL_MAX_WEIGHTS keep to the tiled kernel (same result as before any panels);
+    repack and panel_matmul check their sizes before any C runs."""
+    qm = quantize_matrix(rng.standard_normal((OUT_FEATURES, 64)).astype(np.float32), "int8", group_size=32)
+    x = rng.standard_normal((5, 64)).astype(np.float32)
+    monkeypatch.setattr(cpu, "PANEL_MAX_WEIGHTS", OUT_FEATURES * 64 - 1)
+    assert not cpu.uses_panels(qm, 5)
+    tiled = qmatmul(x, qm)
+    assert "vnni_panels" not in qm.prepared
+    monkeypatch.undo()
+    assert cpu.uses_panels(qm, 5)
+    check_close(qmatmul(x, qm), x, qm, "cpu")
+    assert np.linalg.norm(qmatmul(x, qm) - tiled) <= 1e-5 * np.linalg.norm(tiled)
+    panels, vnni = cpu.vnni_panels(qm), cpu._qmatmul_vnni
+    assert panels.nbytes == vnni.panel_bytes(4, OUT_FEATURES, 64) and panels.ctypes.data % 64 == 0
+    with pytest.raises(ValueError, match="do not fit"):
+        vnni.panel_matmul(4, panels[:-1], x, np.empty((5, OUT_FEATURES), np.float32), 1)
+    with pytest.raises(ValueError, match="do not fit"):
+        vnni.panel_matmul(4, panels, x, np.empty((5, OUT_FEATURES + 16), np.float32), 1)
+    with pytest.raises(ValueError, match="do not fit"):
+        vnni.panel_matmul(3, panels, x, np.empty((5, OUT_FEATURES), np.float32), 1)
+    with pytest.raises(ValueError, match="do not fit"):
+        vnni.repack(4, qm.data.view(np.uint8), qm.scales, 32, 64, np.zeros(panels.nbytes - 1, np.uint8), 1)
+    with pytest.raises(ValueError, match="do not fit"):
+        vnni.repack(4, qm.data.view(np.uint8), qm.scales[:, :1].copy(), 32, 64, np.zeros(panels.nbytes, np.uint8), 1)
+
+
+@pytest.mark.skipif(not cpu.HAS_VNNI, reason="the panel kernel needs AVX-512 VNNI")
+def test_panels_built_once_under_concurrent_first_calls(rng):
+    qm = quantize_matrix(rng.standard_normal((OUT_FEATURES, 96)).astype(np.float32), "int4", group_size=32)
+    x = rng.standard_normal((7, 96)).astype(np.float32)
+    results, built = [], []
+
+    def worker():
+        results.append(qmatmul(x, qm))
+        built.append(id(qm.prepared["vnni_panels"]))
+
+    threads = [threading.Thread(target=worker) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(set(built)) == 1 and all(r.tobytes() == results[0].tobytes() for r in results)
+    check_close(results[0], x, qm, "cpu")
 
 
 def test_vnni_kernel_rejects_shapes_that_do_not_fit():

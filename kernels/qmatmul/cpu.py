@@ -14,11 +14,16 @@ The decoders follow reference.py operation for operation without fused multiply-
 and dequantize() equal the reference (and gguf) bit for bit; the matmul kernels allow
 reassociation and contraction, as any float32 GEMM does.
 
-Dispatch (matmul): every M of the VNNI_FORMATS runs the C kernel of bindings/_qmatmul_vnni.h when
+Dispatch (matmul): every M of the VNNI_FORMATS runs the C kernels of bindings/_qmatmul_vnni.h when
 the CPU has AVX-512 VNNI: activations quantized to int8 per block of 32 (llama.cpp's Q8_0
-activations), integer dot products (vpdpbusd), float32 per-block scaling; weight tiles decoded once
-to signed int8 and reused by every activation row. Measured against the float kernels here (one
-thread, weights from DRAM for M = 1): M = 1 1.7x (int8) to 6.7x (q5_0, q6_k), M = 128 1.2-1.4x.
+activations), integer dot products (vpdpbusd), float32 per-block scaling. M = 1: fused GEMVs
+from the packed bytes. M >= PANEL_MIN_M: the weights repacked once per matrix (vnni_panels, kept in
+qm.prepared) into panels of 16 rows x 4 code bytes per zmm lane, so one vpdpbusd yields 16 output
+rows; load cost 1.375 bytes a weight (q6_k 1.5: 1.8 MB for Gemma's 640 -> 2048) and ~1-2 ms a
+matrix of 0.7-1.3 M weights (2 threads, weights from DRAM, first use). Matrices above
+PANEL_MAX_WEIGHTS (the 262144-row output projection: 230 MB of panels) keep the tiled kernel, whose
+tiles of 4 rows are decoded to signed int8 per call. One thread, panels vs tiles: M = 2 2.7-5.7x,
+M = 16 2.5-4.5x, M = 128 2.1-3.1x (~320 GOP/s); with weights from DRAM (rotated copies) M = 2 1.0-1.4x.
 Matrices under SINGLE_THREAD_MACS multiply-adds run on one thread: waking the second OpenMP
 thread (OMP_WAIT_POLICY=PASSIVE, a VM) costs 10-70 us, more than it saves on a 0.1 ms GEMV.
 Its error is that of the int8 activations: |y - x @ W.T| <= (|x|blockmax @ |W|.T) / 254 plus
@@ -39,6 +44,8 @@ FORMAT_IDS = {"q8_0": 0, "q5_0": 1, "q4_k": 2, "q6_k": 3, "int8": 4, "int4": 5, 
 FUSED_GEMV = ("q8_0", "q4_k", "int8", "int4")   # formats with a fused M = 1 kernel (q5_0 tried: no gain)
 VNNI_FORMATS = ("q8_0", "q5_0", "q4_k", "q6_k", "int8", "int4")
 HAS_VNNI = _qmatmul_vnni.has_vnni()
+PANEL_MIN_M = 2             # M from which the repacked panels run
+PANEL_MAX_WEIGHTS = 1 << 24     # larger matrices keep only their packed bytes (panels: 1.375-1.5 bytes a weight)
 SINGLE_THREAD_MACS = 1 << 22    # below: one thread (GEMVs of 0.6-1.3 M weights, 1.1-1.2x faster)
 TILE_ROWS = 16              # weight rows decoded per parallel work item (16 x in floats: L1/L2)
 _FAST = {"nnan", "ninf", "nsz", "arcp", "contract", "afn", "reassoc"}
@@ -386,6 +393,33 @@ def uses_vnni(qm, M):
     return eligible and HAS_VNNI
 
 
+def uses_panels(qm, M):
+    """Whether matmul runs the repacked-panel VNNI kernel (M > 1; see the module docstring)."""
+    return (M >= PANEL_MIN_M and qm.shape[0] * qm.shape[1] <= PANEL_MAX_WEIGHTS
+            and uses_vnni(qm, M))
+
+
+def vnni_panels(qm):
+    """qm's weights in the 16-row panel layout of bindings/_qmatmul_vnni.h, built on first use under
+    qm.lock and kept in qm.prepared (64-byte aligned, read-only)."""
+    panels = qm.prepared.get("vnni_panels")
+    if panels is not None:
+        return panels
+    with qm.lock:
+        panels = qm.prepared.get("vnni_panels")
+        if panels is None:
+            size = _qmatmul_vnni.panel_bytes(FORMAT_IDS[qm.fmt], *qm.shape)
+            buffer = np.zeros(size + 64, dtype=np.uint8)
+            start = -buffer.ctypes.data % 64
+            panels = buffer[start:start + size]
+            scales = _NO_SCALES if qm.scales is None else qm.scales
+            _qmatmul_vnni.repack(FORMAT_IDS[qm.fmt], qm.data.view(np.uint8), scales, qm.group_size, qm.shape[1],
+                                 panels, numba.get_num_threads())
+            panels.flags.writeable = False
+            qm.prepared["vnni_panels"] = panels
+    return panels
+
+
 def vnni_threads(qm, M):
     """Threads for the VNNI kernel: one below SINGLE_THREAD_MACS multiply-adds (see the module docstring)."""
     return 1 if M * qm.shape[0] * qm.shape[1] < SINGLE_THREAD_MACS else numba.get_num_threads()
@@ -396,6 +430,9 @@ def matmul(x, qm):
         return np.matmul(x, qm.data.view(np.float32).T)
     out = np.empty((x.shape[0], qm.shape[0]), dtype=np.float32)
     if out.size == 0:
+        return out
+    if uses_panels(qm, x.shape[0]):
+        _qmatmul_vnni.panel_matmul(FORMAT_IDS[qm.fmt], vnni_panels(qm), x, out, vnni_threads(qm, x.shape[0]))
         return out
     if uses_vnni(qm, x.shape[0]):
         scales = _NO_SCALES if qm.scales is None else qm.scales
