@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from bench.protocol import Comparison
-from recscore.kernels import RowTable, TableBatch, embedding_bag, quantize_rows
+from recscore.kernels import TableBatch, embedding_bag, quantize_rows
 
 B = 2048
 N_SETS = 8
@@ -29,17 +29,6 @@ N_SETS = 8
 
 def random_table(rng, rows, dim):
     return rng.standard_normal((rows, dim), dtype=np.float32)
-
-
-def fused_rows(table):
-    """An int8 RowTable restored in FBGEMM's fused layout (codes, scale, bias in one buffer; 72-byte rows
-    at D=64): the kernel reads it in place, one memory access a row instead of codes + qparams."""
-    rows, row_bytes = table.data.shape
-    buffer = np.empty((rows, row_bytes + 8), np.uint8)
-    buffer[:, :row_bytes] = table.data
-    buffer[:, row_bytes:] = np.stack([table.scale, table.bias], axis=1).view(np.uint8)
-    scale_and_bias = buffer[:, row_bytes:].view(np.float32)
-    return RowTable(table.dtype, table.shape, buffer[:, :row_bytes], scale_and_bias[:, 0], scale_and_bias[:, 1])
 
 
 def torch_bag(table):
@@ -81,7 +70,7 @@ def single_table_cases(rng, name, rows, dim, pooling_factor, int8_target):
                      note="same logical table, stored as int8 rows + fp32 scale/bias")
     if int8_target is not None:
         yield Comparison(f"{shape} int8 fused rows", "recscore cpu int8, fused rows", "torch.nn.EmbeddingBag fp32",
-                         ours_of(fused_rows(table_int8)), torch_fp32, bytes_per_call=row_reads * (dim + 8),
+                         ours_of(table_int8.fused()), torch_fp32, bytes_per_call=row_reads * (dim + 8),
                          note="int8 codes, scale and bias in one 72-byte row (FBGEMM's layout), as a RowTable")
 
 
@@ -120,7 +109,7 @@ def dlrm_cases(rng, quick):
     yield Comparison(f"{shape} int8 rows", "recscore cpu TableBatch int8", "torch.nn.EmbeddingBag fp32, per-table loop",
                      ours_of(tables_int8), torch_fp32, target=4.0, bytes_per_call=row_reads * (row_bytes + 8),
                      note="same logical tables, stored as int8 rows + fp32 scale/bias")
-    tables_int8 = [fused_rows(t) for t in tables_int8]
+    tables_int8 = [t.fused() for t in tables_int8]
     yield Comparison(f"{shape} int8 fused rows", "recscore cpu TableBatch int8, fused rows",
                      "torch.nn.EmbeddingBag fp32, per-table loop", ours_of(tables_int8), torch_fp32,
                      bytes_per_call=row_reads * (row_bytes + 8),

@@ -110,3 +110,17 @@ def test_concurrent_calls(rng):
         thread.join()
     for got, expected in zip(results, want):
         assert_same_storage(got, expected)
+
+
+@pytest.mark.parametrize("dtype", ["int8", "int4"])
+def test_fused_layout_stands_for_the_same_table(rng, dtype):
+    """fused() keeps every value, the input untouched, and puts a row's codes and qparams in one run of bytes."""
+    table = quantize_rows(rng.standard_normal((37, 48), dtype=np.float32), dtype)
+    before = table.data.copy()
+    fused = table.fused()
+    np.testing.assert_array_equal(fused.dequantize(), table.dequantize())
+    np.testing.assert_array_equal(table.data, before)
+    assert fused.scale.ctypes.data == fused.data.ctypes.data + fused.data.shape[1]
+    assert fused.data.strides[0] == fused.data.shape[1] + 8
+    with pytest.raises(ValueError, match="int8 or int4"):
+        quantize_rows(np.ones((2, 3), np.float32), "fp16").fused()

@@ -59,6 +59,20 @@ class RowTable:
         return RowTable(self.dtype, self.shape, to_torch(host.data, device, bf16=self.dtype == "bf16"),
                         move(host.scale), move(host.bias))
 
+    def fused(self):
+        """This int8/int4 table in FBGEMM's fused layout: codes, scale and bias side by side in one
+        (R, row bytes + 8) host buffer, so a lookup reads one run of bytes a row (72 at D = 64)
+        instead of codes and qparams from two places. data/scale/bias become strided views into it."""
+        if self.scale is None:
+            raise ValueError(f"fused() needs an int8 or int4 table, got {self.dtype}")
+        host = self.numpy()
+        rows, row_bytes = host.data.shape
+        buffer = np.empty((rows, row_bytes + 8), np.uint8)
+        buffer[:, :row_bytes] = host.data
+        qparams = buffer[:, row_bytes:].view(np.float32)
+        qparams[:, 0], qparams[:, 1] = host.scale, host.bias
+        return RowTable(self.dtype, self.shape, buffer[:, :row_bytes], qparams[:, 0], qparams[:, 1])
+
     def dequantize(self):
         """float32 (R, D), as the same kind of array as the storage."""
         host = self.numpy()
