@@ -3,43 +3,26 @@ import numpy as np
 from Cython.Build import cythonize
 from setuptools import Extension, setup
 
+NUMPY_API = [("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")]
+
+
+def c_kernels(name):
+    """A CPU kernel extension: the C in bindings/<name>.h behind its Cython wrapper bindings/<name>.pyx.
+
+    AVX-512 functions carry their own target attribute and are picked at run time: no -march
+    flag, so the extension loads on any x86-64 CPU.
+    """
+    return Extension(f"recscore.bindings.{name}", [f"bindings/{name}.pyx"], depends=[f"bindings/{name}.h"],
+                     include_dirs=[np.get_include(), "bindings"], extra_compile_args=["-O3", "-fopenmp"],
+                     extra_link_args=["-fopenmp"], define_macros=NUMPY_API)
+
+
 extensions = [
-    Extension(
-        "recscore.bindings._checks",
-        ["bindings/_checks.pyx"],
-        include_dirs=[np.get_include()],
-        extra_compile_args=["-O3"],
-        define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
-    ),
-    # AVX-512 VNNI functions carry their own target attribute and are picked at run time:
-    # no -march flag, so the extension loads on any x86-64 CPU.
-    Extension(
-        "recscore.bindings._qmatmul_vnni",
-        ["bindings/_qmatmul_vnni.pyx"],
-        depends=["bindings/_qmatmul_vnni.h"],
-        include_dirs=[np.get_include(), "bindings"],
-        extra_compile_args=["-O3", "-fopenmp"],
-        extra_link_args=["-fopenmp"],
-        define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
-    ),
-    Extension(
-        "recscore.bindings._embedding_bag",
-        ["bindings/_embedding_bag.pyx"],
-        depends=["bindings/_embedding_bag.h"],
-        include_dirs=[np.get_include(), "bindings"],
-        extra_compile_args=["-O3", "-fopenmp"],
-        extra_link_args=["-fopenmp"],
-        define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
-    ),
-    Extension(
-        "recscore.bindings._topk_scan",
-        ["bindings/_topk_scan.pyx"],
-        depends=["bindings/_topk_scan.h"],
-        include_dirs=[np.get_include(), "bindings"],
-        extra_compile_args=["-O3", "-fopenmp"],
-        extra_link_args=["-fopenmp"],
-        define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
-    ),
+    Extension("recscore.bindings._checks", ["bindings/_checks.pyx"], include_dirs=[np.get_include()],
+              extra_compile_args=["-O3"], define_macros=NUMPY_API),
+    c_kernels("_qmatmul_vnni"),
+    c_kernels("_embedding_bag"),
+    c_kernels("_topk_scan"),
 ]
 
 setup(
