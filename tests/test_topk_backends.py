@@ -464,3 +464,16 @@ def test_triton_edges(rng, triton_device):
     bad[7, 1] = np.nan
     with pytest.raises(ValueError, match="corpus contains NaN or inf"):
         triton_topk(np.ones((1, 4), np.float32), bad, 2, "ip", None, triton_device)
+
+
+def test_cpu_warns_when_it_must_copy_a_strided_corpus(rng, monkeypatch):
+    """A fused int8 table (strided codes) still gives the same answer, but the per-call copy is announced."""
+    from recscore.kernels import _backend
+    monkeypatch.setattr(_backend, "_warned", set())
+    table = quantize_rows(rng.standard_normal((50, 16), dtype=np.float32), "int8")
+    queries = rng.standard_normal((2, 16), dtype=np.float32)
+    with pytest.warns(RuntimeWarning, match="not contiguous"):
+        fused_scores, fused_ids = topk(queries, table.fused(), 5)
+    scores, ids = topk(queries, table, 5)
+    np.testing.assert_array_equal(fused_ids, ids)
+    np.testing.assert_array_equal(fused_scores, scores)
