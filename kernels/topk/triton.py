@@ -1,7 +1,8 @@
 """Similarity top-k on the GPU (Triton), in two stages.
 
 Stage 1 (`_partial_topk_kernel`): a program owns BLOCK_Q queries and one split of the
-corpus; for each BLOCK_N-row tile it scores the tile with `tl.dot` over BLOCK_D slices,
+corpus; for each BLOCK_N-row tile it scores the tile with `tl.dot` over BLOCK_D slices
+(a lone query, BLOCK_Q = 1, with a multiply and a row sum instead),
 turns scores into int64 keys `(order(score) << 32) | (0xFFFFFFFF - id)` (so ties go to
 the smaller id, as on the CPU), takes the tile's best K_PAD with `tl.topk` and merges
 them into its running best K_PAD in registers (bitonic: max(best, reversed(candidates)),
@@ -16,12 +17,12 @@ import triton.language as tl
 from .._backend import triton_interpreted, warn_once
 from . import reference
 
-IP, COSINE, L2 = 0, 1, 2
-METRIC_CODES = {"ip": IP, "cosine": COSINE, "l2": L2}
+METRIC_CODES = {"ip": 0, "cosine": 1, "l2": 2}
+IP, COSINE, L2 = (tl.constexpr(code) for code in range(3))   # a jit function reads only constexpr globals
 # The key of score -inf with id 0: every finite score's key is above it. Excluded and
 # out-of-range entries get this key and come out as padding.
 FLOOR_KEY = ((-2139095041) << 32) | 0xFFFFFFFF
-BLOCK_Q = 16
+FLOOR_KEY_CONSTEXPR = tl.constexpr(FLOOR_KEY)
 
 
 @triton.jit
@@ -36,8 +37,8 @@ def _partial_topk_kernel(q_ptr, q_sq_ptr, q_sum_ptr, x_ptr, scale_ptr, bias_ptr,
     q_ok = rq < B
     q_sq = tl.load(q_sq_ptr + rq, mask=q_ok, other=0.0)
     q_sum = tl.load(q_sum_ptr + rq, mask=q_ok, other=0.0)
-    floor = tl.full((BLOCK_Q, BLOCK_N), FLOOR_KEY, tl.int64)
-    best = tl.full((BLOCK_Q, K_PAD), FLOOR_KEY, tl.int64)
+    floor = tl.full((BLOCK_Q, BLOCK_N), FLOOR_KEY_CONSTEXPR, tl.int64)
+    best = tl.full((BLOCK_Q, K_PAD), FLOOR_KEY_CONSTEXPR, tl.int64)
     bad = tl.zeros((BLOCK_Q, BLOCK_N), tl.int32)
     n_tiles = tl.cdiv(N, BLOCK_N)
     for t in range(split * tiles_per_split, tl.minimum((split + 1) * tiles_per_split, n_tiles)):
@@ -54,7 +55,10 @@ def _partial_topk_kernel(q_ptr, q_sq_ptr, q_sum_ptr, x_ptr, scale_ptr, bias_ptr,
             q = tl.load(q_ptr + rq[:, None] * D + rd[None, :], mask=q_ok[:, None] & d_ok[None, :], other=0.0)
             x = tl.load(x_ptr + rn[:, None] * D + rd[None, :], mask=n_ok[:, None] & d_ok[None, :], other=0)
             x = x.to(tl.float32)
-            dots = tl.dot(q, tl.trans(x), dots, input_precision="ieee")
+            if BLOCK_Q >= 16:
+                dots = tl.dot(q, tl.trans(x), dots, input_precision="ieee")
+            else:  # one query: tl.dot needs 16 rows, and 15 of them would be padding
+                dots += tl.sum(q[:, None, :] * x[None, :, :], axis=2)
             if METRIC != IP:
                 if QUANTIZED:  # |x|^2 term by term: the expansion in sum(c), sum(c^2) cancels badly
                     values = tl.where(d_ok[None, :], x * s[:, None] + b[:, None], 0.0)
@@ -117,7 +121,8 @@ def topk(queries, corpus, k, metric, exclude):
     block_n = max(64, k_pad)
     block_d = min(64, max(16, triton.next_power_of_2(D)))
     n_tiles = triton.cdiv(N, block_n)
-    n_qblocks = triton.cdiv(B, BLOCK_Q)
+    block_q = 1 if B == 1 else 16   # a lone query skips the padded tl.dot and a 16-row tl.topk
+    n_qblocks = triton.cdiv(B, block_q)
     programs = 2 if triton_interpreted() else 4 * torch.cuda.get_device_properties(device).multi_processor_count
     n_splits = max(1, min(n_tiles, triton.cdiv(programs, max(n_qblocks, 1))))
     tiles_per_split = triton.cdiv(n_tiles, n_splits)
@@ -135,7 +140,7 @@ def topk(queries, corpus, k, metric, exclude):
             queries, q_sq, q_sum, corpus.data, scale, bias, bitmap, candidates, bad,
             B, N, D, tiles_per_split, n_splits, words,
             METRIC=METRIC_CODES[metric], QUANTIZED=quantized, HAS_EXCLUDE=exclude is not None,
-            BLOCK_Q=BLOCK_Q, BLOCK_N=block_n, BLOCK_D=block_d, K_PAD=k_pad)
+            BLOCK_Q=block_q, BLOCK_N=block_n, BLOCK_D=block_d, K_PAD=k_pad)
         if bool(bad.any()):
             raise ValueError("corpus contains NaN or inf (a score came out non-finite)")
     keys = torch.topk(candidates.view(B, n_splits * k_pad), k, dim=1).values
