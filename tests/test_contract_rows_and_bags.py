@@ -193,11 +193,15 @@ def test_inputs_are_not_modified(rng):
     (np.array([0.0, 1.0]), np.array([0, 2], np.int64), TypeError, "indices"),
     (np.array([[0, 1]], np.int64), np.array([0, 2], np.int64), ValueError, "indices"),
 ])
-def test_embedding_bag_bad_input(indices, offsets, error, message):
+def test_embedding_bag_bad_input(triton_device, indices, offsets, error, message):
     table = np.zeros((4, 2), np.float32)
     for backend in ("reference", "cpu"):
         with use_backend(backend), pytest.raises(error, match=message):
             embedding_bag(table, indices, offsets)
+    # The Triton kernel flags bad offsets and indices as it reads them; the message is the same.
+    on_device = lambda a: torch.from_numpy(a).to(triton_device)  # noqa: E731
+    with use_backend("triton"), pytest.raises(error, match=message):
+        embedding_bag(on_device(table), on_device(indices), on_device(offsets))
 
 
 def test_table_batch_errors_name_the_table():

@@ -311,3 +311,62 @@ def test_triton_no_bags_and_empty_bags(rng, triton_device):
     for pooling in POOLINGS:
         check_triton(triton_device, tables, np.array([-1, -1], np.int64), np.array([0, 0, 2, 2, 2], np.int64),
                      pooling=pooling)
+
+
+def test_triton_lookup_with_flags(rng, triton_device):
+    """The no-wait lookup: the output of lookup(bounds="skip"), and flags for what lookup would raise."""
+    tables = [make_table(rng, 40, 3, "fp32"), make_table(rng, 30, 16, "int8")]
+    batch = TableBatch([t.to(triton_device) for t in tables])
+    indices, offsets = make_bags(rng, [40, 30], 6, max_len=5)
+    weights = rng.random(len(indices)).astype(np.float32)
+    on_device = lambda a: torch.from_numpy(a).to(triton_device)  # noqa: E731
+
+    def with_flags(indices, offsets, weights=None):
+        with use_backend("triton"):
+            out, flags = batch.lookup_with_flags(on_device(indices), on_device(offsets),
+                                                 per_sample_weights=None if weights is None else on_device(weights))
+        return out.cpu().numpy(), flags.tolist()
+
+    def reference(indices, offsets, weights=None):
+        with use_backend("reference"):
+            return TableBatch(tables).lookup(indices, offsets, per_sample_weights=weights, bounds="skip")
+
+    out, flags = with_flags(indices, offsets, weights)
+    assert flags == [0, 0, 0]
+    np.testing.assert_allclose(out, reference(indices, offsets, weights), rtol=1e-5, atol=1e-5)
+    bad_index = indices.copy()
+    bad_index[0] = 99
+    out, flags = with_flags(bad_index, offsets)
+    assert flags == [0, 1, 0]
+    np.testing.assert_allclose(out, reference(bad_index, offsets), rtol=1e-5, atol=1e-5)
+    bad_offsets = offsets.copy()
+    bad_offsets[3] = offsets[-1] + 5
+    assert with_flags(indices, bad_offsets)[1][0] == 1
+    weights[-1] = np.nan
+    assert with_flags(indices, offsets, weights)[1] == [0, 0, 1]
+    with use_backend("triton"), pytest.raises(ValueError, match="per_sample_weights contains NaN"):
+        batch.lookup(on_device(indices), on_device(offsets), per_sample_weights=on_device(weights))
+    with pytest.raises(ValueError, match="lookup_with_flags"):
+        TableBatch(tables).lookup_with_flags(indices, offsets)
+
+
+def test_triton_reads_fused_rows_in_place(rng, triton_device, monkeypatch):
+    """FBGEMM-layout int8/int4 tables (RowTable.fused()) move to torch as one buffer and the
+    kernel reads codes, scale and bias from the one row; rows whose bytes are not a multiple of 4
+    move as separate parts, with a warning."""
+    from recscore.kernels import _backend
+    monkeypatch.setattr(_backend, "_warned", set())
+    tables = [make_table(rng, 50, 64, "int8"), make_table(rng, 40, 16, "int4"), make_table(rng, 30, 5, "fp32"),
+              make_table(rng, 20, 6, "int8")]
+    fused = [t.fused() if t.scale is not None else t for t in tables]
+    with pytest.warns(RuntimeWarning, match="6-byte rows"):
+        on_device = [t.to(triton_device) for t in fused]
+    assert on_device[0].scale.stride(0) == (64 + 8) // 4 and on_device[1].bias.stride(0) == (8 + 8) // 4
+    indices, offsets = make_bags(rng, [50, 40, 30, 20], 7)
+    weights = rng.random(len(indices)).astype(np.float32)
+    with use_backend("reference"):
+        want = TableBatch(tables).lookup(indices, offsets, per_sample_weights=weights)
+    with use_backend("triton"):
+        got = TableBatch(on_device).lookup(*(torch.from_numpy(a).to(triton_device) for a in (indices, offsets)),
+                                           per_sample_weights=torch.from_numpy(weights).to(triton_device))
+    np.testing.assert_allclose(got.cpu().numpy(), want, rtol=1e-5, atol=1e-5)

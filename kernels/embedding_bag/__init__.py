@@ -63,6 +63,17 @@ class TableBatch:
         """
         return _lookup(self, indices, offsets, pooling, per_sample_weights, bounds)
 
+    def lookup_with_flags(self, indices, offsets, *, pooling="sum", per_sample_weights=None):
+        """`lookup` on CUDA tensors without waiting for the GPU, so that CUDA graphs can capture it
+        (FBGEMM's bounds-check "warning" mode): returns (out, flags), flags int32 (3,) on the device.
+
+        flags[0] != 0: `offsets` was malformed, and `out` is undefined (no memory outside the
+        inputs is read). flags[1] != 0: some index lay outside [-1, R_t) and was skipped, as with
+        bounds="skip". flags[2] != 0: a per-sample weight was NaN or inf. `lookup` reads these
+        flags itself (one wait per call) and raises; here the caller checks them when convenient.
+        """
+        return _lookup(self, indices, offsets, pooling, per_sample_weights, "skip", with_flags=True)
+
     def __repr__(self):
         return f"TableBatch(num_tables={self.num_tables}, dims={self.dims}, nbytes={self.nbytes})"
 
@@ -73,7 +84,7 @@ def embedding_bag(table, indices, offsets, *, pooling="sum", per_sample_weights=
 
 
 
-def _lookup(batch, indices, offsets, pooling, per_sample_weights, bounds):
+def _lookup(batch, indices, offsets, pooling, per_sample_weights, bounds, with_flags=False):
     check_choice("pooling", pooling, POOLINGS)
     check_choice("bounds", bounds, BOUNDS)
     kind = check_array("indices", indices, 1, INDEX_DTYPES)
@@ -85,7 +96,6 @@ def _lookup(batch, indices, offsets, pooling, per_sample_weights, bounds):
     if (offsets.shape[0] - 1) % T != 0 or offsets.shape[0] == 0:
         raise ValueError(f"offsets must have length T*B + 1 for T = {T} tables, got {offsets.shape[0]}")
     B = (offsets.shape[0] - 1) // T
-    offsets_host = check_offsets("offsets", offsets, indices.shape[0], T * B)
     if per_sample_weights is not None:
         if pooling != "sum":
             raise ValueError(f"per_sample_weights is only supported with pooling='sum', got pooling={pooling!r}")
@@ -94,13 +104,33 @@ def _lookup(batch, indices, offsets, pooling, per_sample_weights, bounds):
         if per_sample_weights.shape[0] != indices.shape[0]:
             raise ValueError(f"per_sample_weights must have the length of indices ({indices.shape[0]}), "
                              f"got {per_sample_weights.shape[0]}")
-        check_finite("per_sample_weights", per_sample_weights)
     backend = choose_backend(kind)
+    if with_flags and backend != "triton":
+        raise ValueError(f"lookup_with_flags runs the Triton kernel on CUDA tensors; got {kind} inputs "
+                         f"on the {backend} backend (use lookup)")
+    if backend == "triton" and B > 0 and sum(batch.dims) > 0:
+        # The kernel checks offsets, indices and weights as it reads them; reading its flags is
+        # the call's only wait for the GPU. The host checks below run only to word the error.
+        out, flags = backend_module(__name__, "triton").lookup(batch, indices, offsets, B, pooling, per_sample_weights)
+        if with_flags:
+            return out, flags
+        bad_offsets, bad_index, bad_weight = flags.tolist()
+        if bad_offsets or bad_weight or (bad_index and bounds == "error"):
+            offsets_host = check_offsets("offsets", offsets, indices.shape[0], T * B)
+            if bounds == "error":
+                check_bag_indices(indices, offsets_host, batch.rows, B, batch.table_names)
+            if per_sample_weights is not None:
+                check_finite("per_sample_weights", per_sample_weights)
+            raise AssertionError("the lookup kernel flagged an input that the host checks accept")
+        return like(out, kind, device)
+    if per_sample_weights is not None:
+        check_finite("per_sample_weights", per_sample_weights)
+    offsets_host = check_offsets("offsets", offsets, indices.shape[0], T * B)
     if bounds == "error" and backend != "cpu":  # the CPU kernel checks indices in its own pass
         check_bag_indices(indices, offsets_host, batch.rows, B, batch.table_names)
-    if backend == "triton":
-        out = backend_module(__name__, "triton").lookup(batch, indices, offsets, B, pooling, per_sample_weights, bounds)
-        return like(out, kind, device)
+    if backend == "triton":  # nothing to launch: no bags, or tables of D = 0
+        out = like(np.zeros((B, sum(batch.dims)), np.float32), kind, device)
+        return (out, like(np.zeros(3, np.int32), kind, device)) if with_flags else out
     weights = None if per_sample_weights is None else np.ascontiguousarray(to_numpy(per_sample_weights))
     out = backend_module(__name__, backend).lookup(batch, np.ascontiguousarray(to_numpy(indices)), offsets_host, B,
                                           pooling, weights, bounds)

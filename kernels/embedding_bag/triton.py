@@ -13,6 +13,7 @@ uniform value (no divergence inside a program); constexpr flags drop the branche
 the batch does not hold. Packing tables into per-dtype buffers would copy every table.
 """
 import math
+import threading
 
 import torch
 import triton
@@ -27,22 +28,30 @@ FP32, FP16, BF16, INT8, INT4 = (tl.constexpr(code) for code in range(5))
 FP32_BIT, FP16_BIT, BF16_BIT, INT8_BIT, INT4_BIT = (tl.constexpr(1 << code) for code in range(5))
 QUANTIZED_BITS = tl.constexpr(INT8_BIT | INT4_BIT)
 # Columns of `meta`, one row per table (int64).
-DATA, SCALE, BIAS, DTYPE, ROWS, DIM, ROW_BYTES, COLUMN = (tl.constexpr(column) for column in range(8))
-META_COLUMNS = tl.constexpr(8)
+DATA, SCALE, BIAS, DTYPE, ROWS, DIM, ROW_BYTES, COLUMN, QPARAM_STRIDE = (tl.constexpr(column) for column in range(9))
+META_COLUMNS = tl.constexpr(9)
 
 
 def _configs():
     if triton_interpreted():  # the interpreter cannot time configs: one small tile
         return [triton.Config({"BLOCK_L": 8, "BLOCK_D": 32}, num_warps=1)]
-    return [triton.Config({"BLOCK_L": block_l, "BLOCK_D": block_d}, num_warps=warps)
-            for block_d, warps in ((32, 1), (64, 2), (128, 4), (256, 4), (512, 8))
-            for block_l in (4, 8, 16)]
+    # BLOCK_L = 32 puts a whole typical bag's rows in flight at once; BLOCK_L = 8 with one warp
+    # won for int8 rows on an H100 (bench/RESULTS.md, the configuration sweep): keep both.
+    return [triton.Config({"BLOCK_L": block_l, "BLOCK_D": block_d}, num_warps=max(1, min(8, block_l * block_d // 512)))
+            for block_d in (32, 64, 128, 256, 512) for block_l in (8, 32)]
 
 
-@triton.autotune(configs=_configs(), key=["MAX_DIM", "DTYPE_FLAGS", "POOLING", "DIM_MULTIPLE"])
+def _prune(configs, named_args, **kwargs):
+    """Only the tiles that cover D in one or two column blocks: 4 configs to time, not 10."""
+    widest = max(32, min(512, triton.next_power_of_2(max(1, int(named_args["MAX_DIM"])))))
+    return [c for c in configs if c.kwargs["BLOCK_D"] in (widest, widest // 2)] or configs
+
+
+@triton.autotune(configs=_configs(), key=["MAX_DIM", "DTYPE_FLAGS", "POOLING", "DIM_MULTIPLE"],
+                 prune_configs_by={"early_config_prune": _prune})
 @triton.jit
-def _lookup_kernel(base_ptr, meta_ptr, indices_ptr, offsets_ptr, weights_ptr, out_ptr,
-                   bags_per_table, total_dim,
+def _lookup_kernel(base_ptr, meta_ptr, indices_ptr, offsets_ptr, weights_ptr, out_ptr, errors_ptr,
+                   bags_per_table, total_dim, n_indices, n_segments,
                    MAX_DIM, DTYPE_FLAGS: tl.constexpr, POOLING: tl.constexpr, HAS_WEIGHTS: tl.constexpr,
                    ROW_ALIGN: tl.constexpr, DIM_MULTIPLE: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr):
     segment = tl.program_id(0)
@@ -58,12 +67,24 @@ def _lookup_kernel(base_ptr, meta_ptr, indices_ptr, offsets_ptr, weights_ptr, ou
     # compiler vectorise row loads and the d < D mask.
     dim = tl.multiple_of(tl.load(meta + DIM), DIM_MULTIPLE)
     row_bytes = tl.load(meta + ROW_BYTES)
+    qparam_stride = tl.load(meta + QPARAM_STRIDE)   # 4, or the fused row's bytes (codes, scale, bias)
     column = tl.load(meta + COLUMN)
 
     d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     d_mask = d < dim
     start = tl.load(offsets_ptr + segment)
     end = tl.load(offsets_ptr + segment + 1)
+    # The checks ride along: errors[0] flags bad offsets, errors[1] an index outside [-1, R),
+    # errors[2] a per-sample weight that is NaN or inf.
+    # Positions are masked to [0, n_indices), so bad offsets never read outside `indices`.
+    bad_offsets = (start < 0) | (end < start) | (end > n_indices)
+    bad_offsets |= (segment == 0) & (start != 0)
+    bad_offsets |= (segment == n_segments - 1) & (end != n_indices)
+    tl.store(errors_ptr, 1, mask=bad_offsets)
+    start = tl.maximum(start, 0)
+    end = tl.minimum(end, n_indices)
+    bad_indices = 0
+    bad_weights = 0
     if POOLING == 2:
         acc = tl.full([BLOCK_D], float("-inf"), tl.float32)
     else:
@@ -74,6 +95,7 @@ def _lookup_kernel(base_ptr, meta_ptr, indices_ptr, offsets_ptr, weights_ptr, ou
         in_bag = position < end
         index = tl.load(indices_ptr + position, mask=in_bag, other=-1).to(tl.int64)
         valid = in_bag & (index >= 0) & (index < rows)  # -1 padding; out of range with bounds="skip"
+        bad_indices += tl.sum(((index < -1) | (index >= rows)).to(tl.int32), axis=0)
         count += tl.sum(valid.to(tl.int32), axis=0)
         tile_mask = valid[:, None] & d_mask[None, :]
         row_start = data_offset + index * row_bytes
@@ -93,8 +115,10 @@ def _lookup_kernel(base_ptr, meta_ptr, indices_ptr, offsets_ptr, weights_ptr, ou
                                  other=0.0).to(tl.float32)
         if QUANTIZED_BITS & DTYPE_FLAGS:
             if dtype >= INT8:
-                scale = tl.load((base_ptr + scale_offset + index * 4).to(tl.pointer_type(tl.float32)), mask=valid, other=0.0)
-                bias = tl.load((base_ptr + bias_offset + index * 4).to(tl.pointer_type(tl.float32)), mask=valid, other=0.0)
+                scale = tl.load((base_ptr + scale_offset + index * qparam_stride).to(tl.pointer_type(tl.float32)),
+                                mask=valid, other=0.0)
+                bias = tl.load((base_ptr + bias_offset + index * qparam_stride).to(tl.pointer_type(tl.float32)),
+                               mask=valid, other=0.0)
                 if dtype == INT8:
                     codes = tl.load(row[:, None] + d[None, :], mask=tile_mask, other=0)
                 else:  # two codes a byte, low nibble first
@@ -105,7 +129,9 @@ def _lookup_kernel(base_ptr, meta_ptr, indices_ptr, offsets_ptr, weights_ptr, ou
             acc = tl.maximum(acc, tl.max(tl.where(tile_mask, values, float("-inf")), axis=0))
         else:
             if HAS_WEIGHTS:
-                weight = tl.load(weights_ptr + position, mask=valid, other=0.0)
+                weight = tl.load(weights_ptr + position, mask=in_bag, other=0.0)
+                bad_weights += tl.sum(((weight != weight) | (tl.abs(weight) == float("inf"))).to(tl.int32), axis=0)
+                weight = tl.where(valid, weight, 0.0)
             else:
                 weight = valid.to(tl.float32)
             acc += tl.sum(tl.where(tile_mask, values * weight[:, None], 0.0), axis=0)
@@ -113,6 +139,26 @@ def _lookup_kernel(base_ptr, meta_ptr, indices_ptr, offsets_ptr, weights_ptr, ou
         acc = acc / tl.maximum(count, 1).to(tl.float32)
     acc = tl.where(count > 0, acc, 0.0)  # an empty (or all-padding) bag gives zeros
     tl.store(out_ptr + bag.to(tl.int64) * total_dim + column + d, acc, mask=d_mask)
+    tl.store(errors_ptr + 1, 1, mask=bad_indices > 0)
+    tl.store(errors_ptr + 2, 1, mask=bad_weights > 0)
+
+
+_meta_cache = {}
+_meta_cache_lock = threading.Lock()
+META_CACHE_SIZE = 256
+
+
+def _meta_on_device(rows_meta, device):
+    """`meta` as a device tensor, cached by its values: `embedding_bag` builds a new one-table
+    batch on every call, and a fresh host-to-device copy would wait for the GPU each time."""
+    key = (str(device), tuple(map(tuple, rows_meta)))
+    with _meta_cache_lock:
+        meta = _meta_cache.get(key)
+        if meta is None:
+            if len(_meta_cache) >= META_CACHE_SIZE:
+                _meta_cache.clear()
+            meta = _meta_cache[key] = torch.tensor(rows_meta, dtype=torch.int64, device=device)
+    return meta
 
 
 def _prepare(batch):
@@ -120,45 +166,55 @@ def _prepare(batch):
     with batch.lock:
         prepared = batch.prepared.get("triton")
         if prepared is None:
-            base = batch.tables[0].data
-            base_address = base.data_ptr()
+            base = None
             rows_meta, buffers, column, flags, row_align, dim_multiple = [], [], 0, 0, 16, 16
             for table in batch.tables:
                 rows, dim = table.shape
-                data = table.data.contiguous()
+                # Rows may be strided (RowTable.fused(): codes, scale and bias side by side in one row).
+                data = table.data if table.data.stride(-1) == 1 else table.data.contiguous()
+                if base is None:  # every address is an offset from the first table's rows
+                    base, base_address = data, data.data_ptr()
                 code = DTYPE_CODES[table.dtype]
                 scale = bias = data
+                qparam_stride = 4
                 if table.scale is not None:
-                    scale, bias = table.scale.contiguous(), table.bias.contiguous()
+                    scale, bias = table.scale, table.bias
+                    if scale.stride(0) != bias.stride(0):
+                        scale, bias = scale.contiguous(), bias.contiguous()
+                    qparam_stride = scale.stride(0) * 4
                 row_bytes = data.stride(0) * data.element_size() if rows else 0
                 buffers += [data, scale, bias]
                 offsets = [p.data_ptr() - base_address for p in (data, scale, bias)]
                 row_align = math.gcd(row_align, row_bytes, offsets[0])
                 dim_multiple = math.gcd(dim_multiple, dim)
-                rows_meta.append(offsets + [code, rows, dim, row_bytes, column])
+                rows_meta.append(offsets + [code, rows, dim, row_bytes, column, qparam_stride])
                 column += dim
                 flags |= 1 << code
-            meta = torch.tensor(rows_meta, dtype=torch.int64, device=base.device)
+            meta = _meta_on_device(rows_meta, base.device)
             # `buffers` keeps every buffer whose address is in `meta` alive.
-            prepared = batch.prepared["triton"] = (meta, base.view(-1).view(torch.uint8), column, flags,
+            prepared = batch.prepared["triton"] = (meta, base.view(torch.uint8), column, flags,
                                                    max(batch.dims), row_align, dim_multiple, buffers)
     return prepared
 
 
-def lookup(batch, indices, offsets, bags_per_table, pooling, per_sample_weights, bounds):
-    """Same contract as reference.lookup, on torch tensors: float32 (B, sum of D_t) on their device.
+def lookup(batch, indices, offsets, bags_per_table, pooling, per_sample_weights):
+    """Same contract as reference.lookup, on torch tensors: float32 (B, sum of D_t) on their device,
+    and int32 errors[3] on the device: errors[0] != 0 if `offsets` is malformed, errors[1] != 0 if
+    an index lies outside [-1, R_t) (such an index is skipped, as with bounds="skip"), errors[2] != 0
+    if a per-sample weight is NaN or inf.
 
-    Out-of-range indices are padding in both bounds modes (with bounds="error" the dispatcher
-    has already rejected them).
+    Nothing here waits for the GPU: the caller reads `errors` (one sync) and raises.
     """
     meta, base, total_dim, flags, max_dim, row_align, dim_multiple, _ = _prepare(batch)
     assert indices.device == base.device and offsets.device == base.device, "inputs must be on the tables' device"
     assert indices.is_contiguous() and offsets.is_contiguous()
+    n_segments = batch.num_tables * bags_per_table
+    assert n_segments > 0 and total_dim > 0, "the caller checks offsets on the host when there is nothing to launch"
     out = torch.empty((bags_per_table, total_dim), dtype=torch.float32, device=base.device)
-    if bags_per_table == 0 or total_dim == 0:
-        return out
+    errors = torch.zeros(3, dtype=torch.int32, device=base.device)
     weights = per_sample_weights if per_sample_weights is not None else out
-    grid = lambda config: (batch.num_tables * bags_per_table, triton.cdiv(max_dim, config["BLOCK_D"]))  # noqa: E731
-    _lookup_kernel[grid](base, meta, indices, offsets, weights, out, bags_per_table, total_dim,
-                         max_dim, flags, POOLING_CODES[pooling], per_sample_weights is not None, row_align, dim_multiple)
-    return out
+    grid = lambda config: (n_segments, triton.cdiv(max_dim, config["BLOCK_D"]))  # noqa: E731
+    _lookup_kernel[grid](base, meta, indices, offsets, weights, out, errors, bags_per_table, total_dim,
+                         indices.shape[0], n_segments, max_dim, flags, POOLING_CODES[pooling],
+                         per_sample_weights is not None, row_align, dim_multiple)
+    return out, errors

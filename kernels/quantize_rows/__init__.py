@@ -53,8 +53,11 @@ class RowTable:
                         None if self.bias is None else to_numpy(self.bias))
 
     def to(self, device):
-        """The same table as torch tensors on `device` ("cpu", "cuda", ...)."""
+        """The same table as torch tensors on `device` ("cpu", "cuda", ...); a fused table (see
+        fused()) moves as one buffer and stays fused."""
         host = self.numpy()
+        if host.scale is not None and host.scale.strides[0] != 4:
+            return self._fused_to(host, device)
         move = lambda a: None if a is None else to_torch(a, device)  # noqa: E731
         return RowTable(self.dtype, self.shape, to_torch(host.data, device, bf16=self.dtype == "bf16"),
                         move(host.scale), move(host.bias))
@@ -65,13 +68,23 @@ class RowTable:
         instead of codes and qparams from two places. data/scale/bias become strided views into it."""
         if self.scale is None:
             raise ValueError(f"fused() needs an int8 or int4 table, got {self.dtype}")
-        host = self.numpy()
-        rows, row_bytes = host.data.shape
-        buffer = np.empty((rows, row_bytes + 8), np.uint8)
-        buffer[:, :row_bytes] = host.data
+        buffer = _fused_buffer(self.numpy())
+        row_bytes = buffer.shape[1] - 8
         qparams = buffer[:, row_bytes:].view(np.float32)
-        qparams[:, 0], qparams[:, 1] = host.scale, host.bias
         return RowTable(self.dtype, self.shape, buffer[:, :row_bytes], qparams[:, 0], qparams[:, 1])
+
+    @staticmethod
+    def _fused_to(host, device):
+        import torch
+        row_bytes = host.data.shape[1]
+        if row_bytes % 4:  # the scale and bias would sit at addresses a float32 load cannot take
+            warn_once("fused-unaligned", f"a fused table with {row_bytes}-byte rows (not a multiple of 4) moves "
+                                         "to torch as separate codes, scales and biases")
+            return RowTable(host.dtype, host.shape, to_torch(host.data, device), to_torch(host.scale, device),
+                            to_torch(host.bias, device))
+        buffer = torch.from_numpy(_fused_buffer(host)).to(device)
+        qparams = buffer[:, row_bytes:].view(torch.float32)
+        return RowTable(host.dtype, host.shape, buffer[:, :row_bytes], qparams[:, 0], qparams[:, 1])
 
     def dequantize(self):
         """float32 (R, D), as the same kind of array as the storage."""
@@ -84,6 +97,16 @@ class RowTable:
     def __repr__(self):
         return f"RowTable(dtype={self.dtype!r}, shape={self.shape}, nbytes={self.nbytes}, kind={self.kind!r})"
 
+
+
+def _fused_buffer(host):
+    """(R, row bytes + 8) uint8: each row's codes, then its float32 scale and bias (host table)."""
+    rows, row_bytes = host.data.shape
+    buffer = np.empty((rows, row_bytes + 8), np.uint8)
+    buffer[:, :row_bytes] = host.data
+    qparams = buffer[:, row_bytes:].view(np.float32)
+    qparams[:, 0], qparams[:, 1] = host.scale, host.bias
+    return buffer
 
 def as_row_table(table, name="table"):
     """A RowTable as is, or a float (R, D) array of float32/float16/bfloat16 wrapped without a copy."""
