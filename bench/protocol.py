@@ -43,6 +43,7 @@ class Comparison:
     target: Optional[float] = None      # the speedup the issue asks for, if any
     bytes_per_call: Optional[float] = None  # bytes our call must move, for a GB/s column
     note: str = ""
+    device: str = "cpu"                 # "cuda": timed with CUDA events (see _timed_cuda)
 
 
 def set_threads(n=THREADS):
@@ -68,18 +69,56 @@ def _timed(fn, i):
     return time.perf_counter() - start
 
 
+def _timed_cuda(fn, i, n_sets):
+    """One GPU call takes microseconds: time a pass over all n_sets input sets (starting at set i)
+    between two CUDA events, so that no call reads another's data from L2, and return the mean
+    per call. Host-side work inside fn (validation, syncs) counts: the GPU idles through it."""
+    import torch
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    start.record()
+    for j in range(n_sets):
+        fn((i + j) % n_sets)
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / 1e3 / n_sets
+
+
+def device_copy_gbps(n_bytes=1 << 30, repeats=20):
+    """The GPU's copy ceiling in this run: bytes read plus written per second by a device-to-device
+    copy of n_bytes, median of `repeats` event-timed copies."""
+    import torch
+    src = torch.randn(n_bytes // 4, device="cuda")
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        dst.copy_(src)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return 2 * n_bytes / statistics.median(times) / 1e9
+
+
 def measure(c: Comparison):
     """Warm up on every set, then alternate ours/peer; median pair ratio with min and max."""
     for i in range(c.n_sets):
         c.run_ours(i)
         c.run_peer(i)
+    if c.device == "cuda":
+        timed = lambda fn, i: _timed_cuda(fn, i, c.n_sets)  # noqa: E731
+    else:
+        timed = _timed
     ours, peer, ratios = [], [], []
     for p in range(c.pairs):
         i = p % c.n_sets
         if p % 2 == 0:
-            a, b = _timed(c.run_ours, i), _timed(c.run_peer, i)
+            a, b = timed(c.run_ours, i), timed(c.run_peer, i)
         else:  # alternate who goes first too
-            b, a = _timed(c.run_peer, i), _timed(c.run_ours, i)
+            b, a = timed(c.run_peer, i), timed(c.run_ours, i)
         ours.append(a)
         peer.append(b)
         ratios.append(b / a)
@@ -107,6 +146,13 @@ def machine_info():
             info[mod] = __import__(mod).__version__
         except ImportError:
             pass
+    try:
+        import torch
+        if torch.cuda.is_available():
+            info["gpu"] = torch.cuda.get_device_name()
+            info["cuda"] = torch.version.cuda
+    except ImportError:
+        pass
     return info
 
 
@@ -115,6 +161,8 @@ def markdown_table(rows):
              "|---|---|---|---:|---:|---|---:|---:|---|"]
     for r in rows:
         gbps = f"{r['ours_gbps']:.1f}" if r.get("ours_gbps") else ""
+        if r.get("of_copy"):
+            gbps += f" ({100 * r['of_copy']:.0f}% of copy)"
         target = f"{r['target']:g}x" if r["target"] else ""
         met = {None: "", True: "yes", False: "**no**"}[r["met"]]
         lines.append(f"| {r['name']} | {r['ours']} | {r['peer']} | {r['ours_median_ms']:.3f} | {r['peer_median_ms']:.3f} "
@@ -125,9 +173,13 @@ def markdown_table(rows):
 def update_results_md(group, rows, info):
     """Replace the block between this group's markers in RESULTS.md (appending it if new)."""
     begin, end = f"<!-- BEGIN {group} -->", f"<!-- END {group} -->"
-    versions = ", ".join(f"{k} {info[k]}" for k in ("python", "numpy", "numba", "torch", "triton", "faiss") if k in info)
-    block = (f"{begin}\n_Measured {info['date']} on {info['cpus']} CPUs ({info['machine']}), {THREADS} threads, "
-             f"OMP_WAIT_POLICY={info.get('omp_wait_policy')}; "
+    versions = ", ".join(f"{k} {info[k]}" for k in ("python", "numpy", "numba", "torch", "triton", "faiss", "cuda")
+                         if k in info)
+    where = f"{info['cpus']} CPUs ({info['machine']}), {THREADS} threads, OMP_WAIT_POLICY={info.get('omp_wait_policy')}"
+    if "copy_gbps" in info:
+        where = (f"{info['gpu']}, CUDA events, device-to-device copy {info['copy_gbps']:.0f} GB/s (read + write) "
+                 f"in the same run; host {where}")
+    block = (f"{begin}\n_Measured {info['date']} on {where}; "
              f"{versions}. Raw numbers: `bench/results/{group}.json`._\n\n{markdown_table(rows)}\n{end}")
     text = RESULTS_MD.read_text() if RESULTS_MD.exists() else "# Benchmark results\n"
     if begin in text:
@@ -143,14 +195,20 @@ def run_group(group, quick=False, write=True, only=None):
     import importlib
     set_threads()
     module = importlib.import_module(f"bench.compare_{group}")
+    info = machine_info()
+    copy_gbps = device_copy_gbps() if getattr(module, "DEVICE", "cpu") == "cuda" else None
+    if copy_gbps:
+        info["copy_gbps"] = copy_gbps
+        print(f"device-to-device copy: {copy_gbps:.0f} GB/s", flush=True)
     rows = []
     for c in module.comparisons(quick=quick):
         if only and only not in c.name:
             continue
         row = measure(c)
+        if copy_gbps and row.get("ours_gbps"):
+            row["of_copy"] = row["ours_gbps"] / copy_gbps
         rows.append(row)
         print(markdown_table([row]).splitlines()[-1], flush=True)
-    info = machine_info()
     if write and not quick:
         (BENCH_DIR / "results").mkdir(exist_ok=True)
         (BENCH_DIR / "results" / f"{group}.json").write_text(json.dumps({"machine": info, "rows": rows}, indent=2))
