@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from bench.protocol import Comparison
+from bench.protocol import Comparison, cuda_graph_of
 from recscore.kernels import RowTable, TableBatch, embedding_bag, quantize_rows
 
 DEVICE = "cuda"
@@ -40,18 +40,6 @@ def _device_table(rng, rows, dim, dtype):
              for i in range(0, rows, 1 << 18)]
     table = RowTable(stored, (rows, dim), *(np.concatenate(a) for a in zip(*[(p.data, p.scale, p.bias) for p in parts])))
     return (table.fused() if dtype.endswith("fused") else table).to(DEVICE)
-
-
-def _graph_of(run):
-    """A CUDA graph of run(0) .. run(N_SETS - 1), captured after a warm-up (autotuning, compiling)."""
-    for i in range(N_SETS):
-        run(i)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for i in range(N_SETS):
-            run(i)
-    return lambda i: graph.replay()
 
 
 def large_cases(rng, rows, dim, pooling_factor):
@@ -80,8 +68,8 @@ def large_cases(rng, rows, dim, pooling_factor):
     yield Comparison(f"{shape} fp32, lookup_with_flags", "recscore triton fp32, TableBatch.lookup_with_flags",
                      "recscore triton fp32 (embedding_bag)", no_wait("fp32"), ours_of(tables["fp32"]),
                      bytes_per_call=row_reads * dim * 4, device=DEVICE, note="what reading the error flags costs")
-    kernel = {dtype: _graph_of(no_wait(dtype)) for dtype in ("fp32", "int8", "int8 fused")}
-    torch_fp32 = _graph_of(peer_of(tables["fp32"].data))
+    kernel = {dtype: cuda_graph_of(no_wait(dtype), N_SETS) for dtype in ("fp32", "int8", "int8 fused")}
+    torch_fp32 = cuda_graph_of(peer_of(tables["fp32"].data), N_SETS)
     graph = f"device time, graph of {N_SETS} calls"
     yield Comparison(f"{shape} fp32, {graph}", "recscore triton fp32 kernel", "torch.nn.EmbeddingBag cuda fp32",
                      kernel["fp32"], torch_fp32, n_sets=1, target=1.5, bytes_per_call=N_SETS * row_reads * dim * 4,
@@ -95,10 +83,10 @@ def large_cases(rng, rows, dim, pooling_factor):
     big_b = 8 * B
     big_sets = [torch.randint(0, rows, (big_b * pooling_factor,), device=DEVICE) for _ in range(N_SETS)]
     big_offsets = torch.arange(0, big_b * pooling_factor + 1, pooling_factor, device=DEVICE)
-    big = {dtype: _graph_of(lambda i, d=dtype: batches[d].lookup_with_flags(big_sets[i], big_offsets))
+    big = {dtype: cuda_graph_of(lambda i, d=dtype: batches[d].lookup_with_flags(big_sets[i], big_offsets), N_SETS)
            for dtype in ("fp32", "int8", "int8 fused")}
-    big_torch = _graph_of(lambda i: F.embedding_bag(big_sets[i], tables["fp32"].data, big_offsets, mode="sum",
-                                                    include_last_offset=True))
+    big_torch = cuda_graph_of(lambda i: F.embedding_bag(big_sets[i], tables["fp32"].data, big_offsets, mode="sum",
+                                                        include_last_offset=True), N_SETS)
     big_shape = f"large R={rows // 1000}k D={dim} B={big_b} L={pooling_factor}"
     yield Comparison(f"{big_shape} fp32, {graph}", "recscore triton fp32 kernel", "torch.nn.EmbeddingBag cuda fp32",
                      big["fp32"], big_torch, n_sets=1, bytes_per_call=N_SETS * big_b * pooling_factor * dim * 4,

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from bench.protocol import Comparison
+from bench.protocol import Comparison, cuda_graph_of
 from recscore.kernels import QuantizedMatrix, qmatmul, use_backend
 from recscore.kernels.qmatmul import reference
 from recscore.kernels.qmatmul import triton as triton_kernels
@@ -44,18 +44,6 @@ def random_matrix(fmt, out_features, in_features, seed=0):
     for offset in SCALE_OFFSETS[fmt]:
         blocks[:, offset:offset + 2] = (rng.standard_normal(n_blocks) * 0.01).astype(np.float16).view(np.uint8).reshape(-1, 2)
     return QuantizedMatrix(fmt, (out_features, in_features), blocks.reshape(out_features, -1), group_size=weights_per_block)
-
-
-def _graph_of(run):
-    """A CUDA graph of run(0) .. run(N_SETS - 1), captured after a warm-up (compiling)."""
-    for i in range(N_SETS):
-        run(i)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for i in range(N_SETS):
-            run(i)
-    return lambda i: graph.replay()
 
 
 def comparisons(quick=False):
@@ -85,8 +73,8 @@ def comparisons(quick=False):
                                  linear(M), target=2.0, bytes_per_call=packed, device=DEVICE)
             graph = f"device time, graph of {N_SETS} calls"
             for M in (1, 16, 64):
-                kernel = _graph_of(lambda i, M=M: triton_kernels.matmul(xs[M][i], matrices[i]))
-                peer = _graph_of(lambda i, M=M: F.linear(xs[M][i].half(), weights_fp16[i]))
+                kernel = cuda_graph_of(lambda i, M=M: triton_kernels.matmul(xs[M][i], matrices[i]), N_SETS)
+                peer = cuda_graph_of(lambda i, M=M: F.linear(xs[M][i].half(), weights_fp16[i]), N_SETS)
                 yield Comparison(f"{shape} M={M}, {graph}", f"recscore triton {fmt} kernel", "torch F.linear cuda fp16",
                                  kernel, peer, n_sets=1, target=None if M == 1 else 2.0,
                                  bytes_per_call=N_SETS * packed, device=DEVICE,

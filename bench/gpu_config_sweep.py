@@ -8,6 +8,7 @@ import numpy as np
 import torch
 import triton
 
+from bench.protocol import cuda_graph_of
 from recscore.kernels import RowTable, TableBatch, quantize_rows
 from recscore.kernels.embedding_bag import triton as lookup_triton
 
@@ -24,17 +25,12 @@ def tables(rows):
 
 
 def graph_time_us(run):
-    for i in range(N_SETS):
-        run(i)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for i in range(N_SETS):
-            run(i)
+    replay = cuda_graph_of(run, N_SETS)
     times = []
     for _ in range(20):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        graph.replay()
+        replay()
         end.record()
         end.synchronize()
         times.append(start.elapsed_time(end) * 1e3 / N_SETS)

@@ -84,6 +84,21 @@ def _timed_cuda(fn, i, n_sets):
     return start.elapsed_time(end) / 1e3 / n_sets
 
 
+def cuda_graph_of(run, n_sets):
+    """A CUDA graph of run(0) .. run(n_sets - 1), captured after one warm-up pass (autotuning and
+    compiling stay out of it); returns a callable that replays it (its argument is ignored), for
+    timing the GPU's own time without Python or launch gaps."""
+    import torch
+    for i in range(n_sets):
+        run(i)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for i in range(n_sets):
+            run(i)
+    return lambda i=0: graph.replay()
+
+
 def device_copy_gbps(n_bytes=1 << 30, repeats=20):
     """The GPU's copy ceiling in this run: bytes read plus written per second by a device-to-device
     copy of n_bytes, median of `repeats` event-timed copies."""

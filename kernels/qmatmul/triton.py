@@ -33,6 +33,15 @@ def _fp16_at(ptr, mask):
 
 
 @triton.jit
+def _write(out, acc, mask, SPLIT_K: tl.constexpr):
+    """Store a program's result, or add its partial sum when K is split across programs."""
+    if SPLIT_K == 1:
+        tl.store(out, acc, mask=mask)
+    else:
+        tl.atomic_add(out, acc, mask=mask)
+
+
+@triton.jit
 def _weight_tile(data_ptr, scales_ptr, row_bytes, n_groups, offs_n, offs_k, mask,
                  FMT: tl.constexpr, GROUP: tl.constexpr):
     """Decode W[offs_n, offs_k] (a [BLOCK_N, BLOCK_K] tile) to float32 in registers."""
@@ -84,11 +93,7 @@ def qgemv_kernel(x_ptr, data_ptr, scales_ptr, out_ptr, N, K, row_bytes, n_groups
         mask = (offs_n[:, None] < N) & mask_k[None, :]
         w = _weight_tile(data_ptr, scales_ptr, row_bytes, n_groups, offs_n, offs_k, mask, FMT, GROUP)
         acc += tl.sum(w * x[None, :], axis=1)
-    out = out_ptr + m * N + offs_n
-    if SPLIT_K == 1:
-        tl.store(out, acc, mask=offs_n < N)
-    else:
-        tl.atomic_add(out, acc, mask=offs_n < N)
+    _write(out_ptr + m * N + offs_n, acc, offs_n < N, SPLIT_K)
 
 
 @triton.jit
@@ -116,11 +121,7 @@ def qgemv_int4_kernel(x_ptr, data_ptr, scales_ptr, out_ptr, N, K, row_bytes, n_g
         high = (packed >> 4).to(tl.float32) - 8.0
         scale = tl.load(scales_ptr + rows[:, None] * n_groups + group[None, :], mask=mask, other=0.0)
         acc += tl.sum((low * x_low[None, :] + high * x_high[None, :]) * scale, axis=1)
-    out = out_ptr + m * N + offs_n
-    if SPLIT_K == 1:
-        tl.store(out, acc, mask=mask_n)
-    else:
-        tl.atomic_add(out, acc, mask=mask_n)
+    _write(out_ptr + m * N + offs_n, acc, mask_n, SPLIT_K)
 
 
 @triton.jit
@@ -168,11 +169,7 @@ def qgemv_q4_k_kernel(x_ptr, data_ptr, out_ptr, N, K, row_bytes, blocks_per_spli
         sum_high = tl.sum(x_high, axis=1)
         acc += d * tl.sum(scale_low * dot_low + scale_high * dot_high, axis=1)
         acc -= dmin * tl.sum(min_low * sum_low[None, :] + min_high * sum_high[None, :], axis=1)
-    out = out_ptr + m * N + offs_n
-    if SPLIT_K == 1:
-        tl.store(out, acc, mask=mask_n)
-    else:
-        tl.atomic_add(out, acc, mask=mask_n)
+    _write(out_ptr + m * N + offs_n, acc, mask_n, SPLIT_K)
 
 
 @triton.jit
@@ -191,11 +188,8 @@ def qgemm_kernel(x_ptr, data_ptr, scales_ptr, out_ptr, M, N, K, row_bytes, n_gro
         w = _weight_tile(data_ptr, scales_ptr, row_bytes, n_groups, offs_n, offs_k,
                          (offs_n[:, None] < N) & mask_k[None, :], FMT, GROUP)
         acc += tl.dot(x, tl.trans(w))
-    out = out_ptr + offs_m[:, None] * N + offs_n[None, :]
-    if SPLIT_K == 1:
-        tl.store(out, acc, mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
-    else:
-        tl.atomic_add(out, acc, mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
+    mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    _write(out_ptr + offs_m[:, None] * N + offs_n[None, :], acc, mask, SPLIT_K)
 
 
 def _device_storage(qm, device):
