@@ -370,3 +370,40 @@ def test_triton_reads_fused_rows_in_place(rng, triton_device, monkeypatch):
         got = TableBatch(on_device).lookup(*(torch.from_numpy(a).to(triton_device) for a in (indices, offsets)),
                                            per_sample_weights=torch.from_numpy(weights).to(triton_device))
     np.testing.assert_allclose(got.cpu().numpy(), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("first", [np.zeros((0, 4), np.float32), np.zeros((3, 0), np.float32)], ids=["R=0", "D=0"])
+def test_triton_batch_whose_first_table_is_empty(triton_device, first):
+    tables = [quantize_rows(first, "fp32"), quantize_rows(np.ones((3, 4), np.float32), "fp32"),
+              quantize_rows(np.zeros((0, 8), np.float32), "int8")]
+    indices, offsets = np.array([0, 1], np.int64), np.array([0, 0, 2, 2], np.int64)
+    check_triton(triton_device, tables, indices, offsets)
+
+
+def test_errors_come_in_one_order_on_every_backend(triton_device):
+    """Offsets first, then weights, then indices: an input with several faults names the same one
+    whichever backend runs it (the Triton kernel flags them all; the host words the first)."""
+    table = np.ones((4, 2), np.float32)
+    nan_weights = np.array([np.nan, 1], np.float32)
+    cases = [(np.array([0, 9], np.int64), np.array([0, 1, 2], np.int64), "per_sample_weights contains NaN"),
+             (np.array([0, 1], np.int64), np.array([0, 3, 2], np.int64), "offsets must be non-decreasing")]
+    for indices, offsets, message in cases:
+        for backend in ("reference", "cpu", "triton"):
+            move = (lambda a: torch.from_numpy(a).to(triton_device)) if backend == "triton" else (lambda a: a)  # noqa: E731
+            with use_backend(backend), pytest.raises(ValueError, match=message):
+                embedding_bag(move(table), move(indices), move(offsets), per_sample_weights=move(nan_weights))
+
+
+def test_triton_strided_indices_and_weights(rng, triton_device):
+    """Views with a stride are read as the values they show (the kernel gets contiguous copies)."""
+    table = make_table(rng, 30, 8, "fp32")
+    indices, offsets = make_bags(rng, [30], 5, max_len=4)
+    weights = rng.random(2 * len(indices)).astype(np.float32)
+    with use_backend("reference"):
+        want = embedding_bag(table, indices, offsets, per_sample_weights=weights[::2].copy())
+    spread = np.repeat(indices, 2)   # indices at even positions of a longer buffer
+    with use_backend("triton"):
+        got = embedding_bag(table.to(triton_device), torch.from_numpy(spread).to(triton_device)[::2],
+                            torch.from_numpy(offsets).to(triton_device),
+                            per_sample_weights=torch.from_numpy(weights).to(triton_device)[::2])
+    np.testing.assert_allclose(got.cpu().numpy(), want, rtol=1e-5, atol=1e-5)

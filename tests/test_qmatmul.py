@@ -296,6 +296,15 @@ def test_triton_matches_reference(random_gguf, rng, triton_device, fmt, M):
         assert empty.shape == (0, OUT_FEATURES)
 
 
+def test_triton_empty_in_features(triton_device):
+    """K = 0 gives zeros (GEMV and split-K GEMM sizes alike), not a division by zero."""
+    qm = quantize_matrix(np.zeros((3, 0), np.float32), "int8")
+    for M in (1, 6):
+        with use_backend("triton"):
+            y = qmatmul(torch.ones((M, 0), device=triton_device), qm)
+        assert y.shape == (M, 3) and not y.cpu().numpy().any()
+
+
 def test_torch_inputs_and_dtypes(random_gguf, rng):
     qm = matrices(random_gguf, rng)["q8_0"]
     x = rng.standard_normal((3, qm.shape[1])).astype(np.float32)

@@ -71,6 +71,9 @@ class TableBatch:
         inputs is read). flags[1] != 0: some index lay outside [-1, R_t) and was skipped, as with
         bounds="skip". flags[2] != 0: a per-sample weight was NaN or inf. `lookup` reads these
         flags itself (one wait per call) and raises; here the caller checks them when convenient.
+        With nothing to launch (no bags, or tables of D = 0) the checks run on the host instead.
+        The first call for a new set of tables copies their layout to the device (a wait): make
+        it before capturing a graph.
         """
         return _lookup(self, indices, offsets, pooling, per_sample_weights, "skip", with_flags=True)
 
@@ -110,22 +113,26 @@ def _lookup(batch, indices, offsets, pooling, per_sample_weights, bounds, with_f
                          f"on the {backend} backend (use lookup)")
     if backend == "triton" and B > 0 and sum(batch.dims) > 0:
         # The kernel checks offsets, indices and weights as it reads them; reading its flags is
-        # the call's only wait for the GPU. The host checks below run only to word the error.
+        # the call's only wait for the GPU. The host checks below run only to word the error,
+        # in the order every backend checks: offsets, weights, indices.
+        indices, offsets = indices.contiguous(), offsets.contiguous()   # copies only strided views
+        if per_sample_weights is not None:
+            per_sample_weights = per_sample_weights.contiguous()
         out, flags = backend_module(__name__, "triton").lookup(batch, indices, offsets, B, pooling, per_sample_weights)
         if with_flags:
             return out, flags
         bad_offsets, bad_index, bad_weight = flags.tolist()
         if bad_offsets or bad_weight or (bad_index and bounds == "error"):
             offsets_host = check_offsets("offsets", offsets, indices.shape[0], T * B)
-            if bounds == "error":
-                check_bag_indices(indices, offsets_host, batch.rows, B, batch.table_names)
             if per_sample_weights is not None:
                 check_finite("per_sample_weights", per_sample_weights)
+            if bounds == "error":
+                check_bag_indices(indices, offsets_host, batch.rows, B, batch.table_names)
             raise AssertionError("the lookup kernel flagged an input that the host checks accept")
         return like(out, kind, device)
+    offsets_host = check_offsets("offsets", offsets, indices.shape[0], T * B)
     if per_sample_weights is not None:
         check_finite("per_sample_weights", per_sample_weights)
-    offsets_host = check_offsets("offsets", offsets, indices.shape[0], T * B)
     if bounds == "error" and backend != "cpu":  # the CPU kernel checks indices in its own pass
         check_bag_indices(indices, offsets_host, batch.rows, B, batch.table_names)
     if backend == "triton":  # nothing to launch: no bags, or tables of D = 0

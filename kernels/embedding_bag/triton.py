@@ -145,7 +145,8 @@ def _lookup_kernel(base_ptr, meta_ptr, indices_ptr, offsets_ptr, weights_ptr, ou
 
 _meta_cache = {}
 _meta_cache_lock = threading.Lock()
-META_CACHE_SIZE = 256
+META_CACHE_SIZE = 4096
+_launch_lock = threading.Lock()
 
 
 def _meta_on_device(rows_meta, device):
@@ -166,14 +167,23 @@ def _prepare(batch):
     with batch.lock:
         prepared = batch.prepared.get("triton")
         if prepared is None:
-            base = None
-            rows_meta, buffers, column, flags, row_align, dim_multiple = [], [], 0, 0, 16, 16
+            # Every address is an offset from one base: the first table with rows (a one-byte
+            # buffer if none has any: then no row is ever read).
+            first = next((t.data for t in batch.tables if t.data.numel() > 0), None)
+            if first is None:
+                base = torch.zeros(1, dtype=torch.uint8, device=batch.tables[0].data.device)
+            else:
+                base = first if first.stride(-1) == 1 else first.contiguous()
+            base_address = base.data_ptr()
+            rows_meta, buffers, column, flags, row_align, dim_multiple = [], [base], 0, 0, 16, 16
             for table in batch.tables:
                 rows, dim = table.shape
                 # Rows may be strided (RowTable.fused(): codes, scale and bias side by side in one row).
-                data = table.data if table.data.stride(-1) == 1 else table.data.contiguous()
-                if base is None:  # every address is an offset from the first table's rows
-                    base, base_address = data, data.data_ptr()
+                data = table.data
+                if data is first:
+                    data = base
+                elif data.stride(-1) != 1 and data.numel() > 0:
+                    data = data.contiguous()
                 code = DTYPE_CODES[table.dtype]
                 scale = bias = data
                 qparam_stride = 4
@@ -185,7 +195,8 @@ def _prepare(batch):
                 row_bytes = data.stride(0) * data.element_size() if rows else 0
                 buffers += [data, scale, bias]
                 offsets = [p.data_ptr() - base_address for p in (data, scale, bias)]
-                row_align = math.gcd(row_align, row_bytes, offsets[0])
+                if data.numel() > 0:  # an empty table's address is never read
+                    row_align = math.gcd(row_align, row_bytes, offsets[0])
                 dim_multiple = math.gcd(dim_multiple, dim)
                 rows_meta.append(offsets + [code, rows, dim, row_bytes, column, qparam_stride])
                 column += dim
@@ -208,13 +219,15 @@ def lookup(batch, indices, offsets, bags_per_table, pooling, per_sample_weights)
     meta, base, total_dim, flags, max_dim, row_align, dim_multiple, _ = _prepare(batch)
     assert indices.device == base.device and offsets.device == base.device, "inputs must be on the tables' device"
     assert indices.is_contiguous() and offsets.is_contiguous()
+    assert per_sample_weights is None or per_sample_weights.is_contiguous()
     n_segments = batch.num_tables * bags_per_table
     assert n_segments > 0 and total_dim > 0, "the caller checks offsets on the host when there is nothing to launch"
     out = torch.empty((bags_per_table, total_dim), dtype=torch.float32, device=base.device)
     errors = torch.zeros(3, dtype=torch.int32, device=base.device)
     weights = per_sample_weights if per_sample_weights is not None else out
     grid = lambda config: (n_segments, triton.cdiv(max_dim, config["BLOCK_D"]))  # noqa: E731
-    _lookup_kernel[grid](base, meta, indices, offsets, weights, out, errors, bags_per_table, total_dim,
-                         indices.shape[0], n_segments, max_dim, flags, POOLING_CODES[pooling],
-                         per_sample_weights is not None, row_align, dim_multiple)
+    with _launch_lock:  # the autotuner keeps a call's arguments on the shared kernel object
+        _lookup_kernel[grid](base, meta, indices, offsets, weights, out, errors, bags_per_table, total_dim,
+                             indices.shape[0], n_segments, max_dim, flags, POOLING_CODES[pooling],
+                             per_sample_weights is not None, row_align, dim_multiple)
     return out, errors

@@ -253,7 +253,7 @@ def matmul(x, qm):
     assert qm.fmt in FORMATS and x.ndim == 2 and x.shape[1] == qm.shape[1] and x.is_contiguous()
     M, K = x.shape
     N = qm.shape[0]
-    if M == 0 or N == 0:
+    if M == 0 or N == 0 or K == 0:
         return torch.zeros((M, N), dtype=torch.float32, device=x.device)
     data, scales = _device_storage(qm, x.device)
     n_groups = 0 if qm.scales is None else qm.scales.shape[1]

@@ -56,9 +56,10 @@ class RowTable:
         """The same table as torch tensors on `device` ("cpu", "cuda", ...); a fused table (see
         fused()) moves as one buffer and stays fused."""
         host = self.numpy()
-        if host.scale is not None and host.scale.strides[0] != 4:
+        if host.scale is not None and host.shape[0] > 1 and host.scale.strides[0] != 4:
             return self._fused_to(host, device)
-        move = lambda a: None if a is None else to_torch(a, device)  # noqa: E731
+        # np.require: a one-row view into a fused buffer may be unaligned, which torch refuses
+        move = lambda a: None if a is None else to_torch(np.require(a, requirements="CA"), device)  # noqa: E731
         return RowTable(self.dtype, self.shape, to_torch(host.data, device, bf16=self.dtype == "bf16"),
                         move(host.scale), move(host.bias))
 
@@ -80,8 +81,8 @@ class RowTable:
         if row_bytes % 4:  # the scale and bias would sit at addresses a float32 load cannot take
             warn_once("fused-unaligned", f"a fused table with {row_bytes}-byte rows (not a multiple of 4) moves "
                                          "to torch as separate codes, scales and biases")
-            return RowTable(host.dtype, host.shape, to_torch(host.data, device), to_torch(host.scale, device),
-                            to_torch(host.bias, device))
+            return RowTable(host.dtype, host.shape, to_torch(host.data, device), to_torch(host.scale.copy(), device),
+                            to_torch(host.bias.copy(), device))   # copies: aligned, whatever the views were
         buffer = torch.from_numpy(_fused_buffer(host)).to(device)
         qparams = buffer[:, row_bytes:].view(torch.float32)
         return RowTable(host.dtype, host.shape, buffer[:, :row_bytes], qparams[:, 0], qparams[:, 1])
