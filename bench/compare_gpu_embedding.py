@@ -21,8 +21,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from bench.protocol import Comparison, cuda_graph_of
-from recscore.kernels import RowTable, TableBatch, embedding_bag, quantize_rows
+from bench.protocol import Comparison, cuda_graph_of, quantize_in_slices
+from recscore.kernels import RowTable, TableBatch, embedding_bag
 
 DEVICE = "cuda"
 B = 2048
@@ -35,10 +35,8 @@ def _device_table(rng, rows, dim, dtype):
     if dtype in ("fp32", "fp16"):
         data = torch.randn(rows, dim, device=DEVICE)
         return RowTable(dtype, (rows, dim), data if dtype == "fp32" else data.half())
-    stored = dtype.split()[0]
-    parts = [quantize_rows(rng.standard_normal((min(1 << 18, rows - i), dim), dtype=np.float32), stored)
-             for i in range(0, rows, 1 << 18)]
-    table = RowTable(stored, (rows, dim), *(np.concatenate(a) for a in zip(*[(p.data, p.scale, p.bias) for p in parts])))
+    table = quantize_in_slices(lambda start, stop: rng.standard_normal((stop - start, dim), dtype=np.float32), rows,
+                               dtype.split()[0], 1 << 18)
     return (table.fused() if dtype.endswith("fused") else table).to(DEVICE)
 
 

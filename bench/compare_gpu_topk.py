@@ -13,20 +13,12 @@ Corpus N = 1M random normal rows, d = 64, on the GPU; k = 100; 8 rotated query b
 import numpy as np
 import torch
 
-from bench.protocol import Comparison
-from recscore.kernels import RowTable, quantize_rows, topk
+from bench.protocol import Comparison, quantize_in_slices
+from recscore.kernels import RowTable, topk
 
 DEVICE = "cuda"
 N_SETS = 8
 K = 100
-
-
-def _int8_table(n, d, seed=0):
-    rng = np.random.default_rng(seed)
-    parts = [quantize_rows(rng.standard_normal((min(1 << 17, n - i), d), dtype=np.float32), "int8")
-             for i in range(0, n, 1 << 17)]
-    return RowTable("int8", (n, d), *(torch.from_numpy(np.concatenate(a)).to(DEVICE) for a in
-                                      zip(*[(p.data, p.scale, p.bias) for p in parts])))
 
 
 def comparisons(quick=False):
@@ -34,7 +26,9 @@ def comparisons(quick=False):
     corpus = {"fp32": torch.randn(n, d, device=DEVICE)}
     corpus["fp16"] = corpus["fp32"].half()
     tables = {dtype: RowTable(dtype, (n, d), x) for dtype, x in corpus.items()}
-    tables["int8"] = _int8_table(n, d)
+    rng = np.random.default_rng(0)
+    tables["int8"] = quantize_in_slices(lambda start, stop: rng.standard_normal((stop - start, d), dtype=np.float32),
+                                        n, "int8", 1 << 17).to(DEVICE)
     for B in (1, 16, 256):
         queries = [torch.randn(B, d, device=DEVICE) for _ in range(N_SETS)]
         shape = f"N={n // 1000}k d={d} B={B} k={K}"

@@ -12,7 +12,7 @@ B = 256 (over 30 s a call) is left out, and d = 384 runs k = 10/100/1000 at B = 
 """
 import numpy as np
 
-from bench.protocol import Comparison
+from bench.protocol import Comparison, quantize_in_slices
 
 N_SETS = 8
 PAIRS = {1: 16, 16: 8, 256: 4}
@@ -20,14 +20,6 @@ PAIRS = {1: 16, 16: 8, 256: 4}
 
 def _corpus(n, d, seed=0):
     return np.random.default_rng(seed).standard_normal((n, d), dtype=np.float32)
-
-
-def _int8_table(corpus):
-    """quantize_rows in slices (its reference path works in float64: 1M x 384 at once is 3 GB)."""
-    from recscore.kernels import RowTable, quantize_rows
-    parts = [quantize_rows(corpus[i:i + 65536], "int8") for i in range(0, len(corpus), 65536)]
-    return RowTable("int8", corpus.shape, np.concatenate([p.data for p in parts]),
-                    np.concatenate([p.scale for p in parts]), np.concatenate([p.bias for p in parts]))
 
 
 def _query_sets(B, d, seed):
@@ -55,7 +47,7 @@ def comparisons(quick=False):
     n = 100_000 if quick else 1_000_000
     for d in (64, 384):
         corpus = _corpus(n, d)
-        table8 = _int8_table(corpus)
+        table8 = quantize_in_slices(lambda start, stop: corpus[start:stop], len(corpus), "int8")
         corpus_t = torch.from_numpy(corpus)  # the same memory as ours
         flat = faiss.IndexFlatIP(d)
         flat.add(corpus)

@@ -8,8 +8,8 @@ import numpy as np
 import torch
 import triton
 
-from bench.protocol import cuda_graph_of
-from recscore.kernels import RowTable, TableBatch, quantize_rows
+from bench.protocol import cuda_graph_of, quantize_in_slices
+from recscore.kernels import RowTable, TableBatch
 from recscore.kernels.embedding_bag import triton as lookup_triton
 
 DIM, POOLING_FACTOR, N_SETS = 64, 32, 8
@@ -18,8 +18,8 @@ CONFIGS = [(8, 64, 1), (16, 64, 2), (32, 64, 4), (32, 64, 2), (32, 32, 2), (64, 
 
 def tables(rows):
     rng = np.random.default_rng(0)
-    parts = [quantize_rows(rng.standard_normal((1 << 18, DIM), dtype=np.float32), "int8") for _ in range(rows >> 18)]
-    int8 = RowTable("int8", (rows, DIM), *(np.concatenate(a) for a in zip(*[(p.data, p.scale, p.bias) for p in parts])))
+    int8 = quantize_in_slices(lambda start, stop: rng.standard_normal((stop - start, DIM), dtype=np.float32), rows,
+                              "int8", 1 << 18)
     return {"fp32": RowTable("fp32", (rows, DIM), torch.randn(rows, DIM, device="cuda")),
             "int8": int8.to("cuda"), "int8 fused": int8.fused().to("cuda")}
 

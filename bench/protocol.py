@@ -84,6 +84,18 @@ def _timed_cuda(fn, i, n_sets):
     return start.elapsed_time(end) / 1e3 / n_sets
 
 
+def quantize_in_slices(rows_of, n_rows, dtype, slice_rows=1 << 16):
+    """quantize_rows of the float32 rows rows_of(start, stop) for [0, n_rows), one slice at a time,
+    as one host RowTable: the whole float table never exists at once (nor quantize_rows's float64
+    reference copy of it: 1M x 384 would be 3 GB)."""
+    import numpy as np
+    from recscore.kernels import RowTable, quantize_rows
+    parts = [quantize_rows(rows_of(start, min(start + slice_rows, n_rows)), dtype)
+             for start in range(0, n_rows, slice_rows)]
+    dim = parts[0].shape[1]
+    return RowTable(dtype, (n_rows, dim), *(np.concatenate(a) for a in zip(*[(p.data, p.scale, p.bias) for p in parts])))
+
+
 def cuda_graph_of(run, n_sets):
     """A CUDA graph of run(0) .. run(n_sets - 1), captured after one warm-up pass (autotuning and
     compiling stay out of it); returns a callable that replays it (its argument is ignored), for

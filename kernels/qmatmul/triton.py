@@ -220,6 +220,11 @@ def _split(steps, programs, device):
     return triton.cdiv(steps, per_split), per_split
 
 
+def _output(M, N, split_k, device):
+    """The (M, N) float32 result: zeroed when split-K programs add their partial sums into it."""
+    return (torch.zeros if split_k > 1 else torch.empty)((M, N), dtype=torch.float32, device=device)
+
+
 def _gemv(x, qm, data, scales, n_groups, fmt):
     M, K = x.shape
     N = qm.shape[0]
@@ -229,19 +234,19 @@ def _gemv(x, qm, data, scales, n_groups, fmt):
     if qm.fmt == "int4":
         block_b = 32 if interpreted else 128
         split_k, steps = _split(triton.cdiv(data.shape[1], block_b), M * n_blocks, x.device)
-        out = (torch.zeros if split_k > 1 else torch.empty)((M, N), dtype=torch.float32, device=x.device)
+        out = _output(M, N, split_k, x.device)
         qgemv_int4_kernel[(M, n_blocks, split_k)](x, data, scales, out, N, K, data.shape[1], n_groups, steps * block_b,
                                                   GROUP=qm.group_size, BLOCK_N=block_n, BLOCK_B=block_b, SPLIT_K=split_k)
         return out
     if qm.fmt == "q4_k":
         split_k, blocks = _split(K // 256, M * n_blocks, x.device)
-        out = (torch.zeros if split_k > 1 else torch.empty)((M, N), dtype=torch.float32, device=x.device)
+        out = _output(M, N, split_k, x.device)
         qgemv_q4_k_kernel[(M, n_blocks, split_k)](x, data, out, N, K, data.shape[1], blocks,
                                                   BLOCK_N=block_n, SPLIT_K=split_k)
         return out
     block_k = 32 if interpreted else 128
     split_k, steps = _split(triton.cdiv(K, block_k), M * n_blocks, x.device)
-    out = (torch.zeros if split_k > 1 else torch.empty)((M, N), dtype=torch.float32, device=x.device)
+    out = _output(M, N, split_k, x.device)
     qgemv_kernel[(M, n_blocks, split_k)](x, data, scales, out, N, K, data.shape[1], n_groups, steps * block_k,
                                         FMT=fmt, GROUP=qm.group_size, BLOCK_N=block_n, BLOCK_K=block_k,
                                         SPLIT_K=split_k)
@@ -269,7 +274,7 @@ def matmul(x, qm):
     # Few (M, N) tiles (M = 16..64 against a 4096-wide layer is 64 tiles for 132 multiprocessors):
     # split K as the GEMV does, the partial tiles meeting in an atomic add.
     split_k, steps = _split(triton.cdiv(K, block_k), tiles, x.device)
-    out = (torch.zeros if split_k > 1 else torch.empty)((M, N), dtype=torch.float32, device=x.device)
+    out = _output(M, N, split_k, x.device)
     grid = (triton.cdiv(M, block_m), triton.cdiv(N, block_n), split_k)
     qgemm_kernel[grid](x, data, scales, out, M, N, K, data.shape[1], n_groups, steps * block_k,
                        FMT=fmt, GROUP=qm.group_size, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,

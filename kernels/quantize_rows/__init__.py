@@ -57,8 +57,16 @@ class RowTable:
         fused()) moves as one buffer and stays fused."""
         host = self.numpy()
         if host.scale is not None and host.shape[0] > 1 and host.scale.strides[0] != 4:
-            return self._fused_to(host, device)
-        # np.require: a one-row view into a fused buffer may be unaligned, which torch refuses
+            row_bytes = host.data.shape[1]
+            if row_bytes % 4 == 0:
+                import torch
+                buffer = torch.from_numpy(_fused_buffer(host)).to(device)
+                qparams = buffer[:, row_bytes:].view(torch.float32)
+                return RowTable(host.dtype, host.shape, buffer[:, :row_bytes], qparams[:, 0], qparams[:, 1])
+            # the scale and bias would sit at addresses a float32 load cannot take
+            warn_once("fused-unaligned", f"a fused table with {row_bytes}-byte rows (not a multiple of 4) moves "
+                                         "to torch as separate codes, scales and biases")
+        # np.require: views into a fused buffer may be strided or unaligned, which torch refuses
         move = lambda a: None if a is None else to_torch(np.require(a, requirements="CA"), device)  # noqa: E731
         return RowTable(self.dtype, self.shape, to_torch(host.data, device, bf16=self.dtype == "bf16"),
                         move(host.scale), move(host.bias))
@@ -74,19 +82,6 @@ class RowTable:
         qparams = buffer[:, row_bytes:].view(np.float32)
         return RowTable(self.dtype, self.shape, buffer[:, :row_bytes], qparams[:, 0], qparams[:, 1])
 
-    @staticmethod
-    def _fused_to(host, device):
-        import torch
-        row_bytes = host.data.shape[1]
-        if row_bytes % 4:  # the scale and bias would sit at addresses a float32 load cannot take
-            warn_once("fused-unaligned", f"a fused table with {row_bytes}-byte rows (not a multiple of 4) moves "
-                                         "to torch as separate codes, scales and biases")
-            return RowTable(host.dtype, host.shape, to_torch(host.data, device), to_torch(host.scale.copy(), device),
-                            to_torch(host.bias.copy(), device))   # copies: aligned, whatever the views were
-        buffer = torch.from_numpy(_fused_buffer(host)).to(device)
-        qparams = buffer[:, row_bytes:].view(torch.float32)
-        return RowTable(host.dtype, host.shape, buffer[:, :row_bytes], qparams[:, 0], qparams[:, 1])
-
     def dequantize(self):
         """float32 (R, D), as the same kind of array as the storage."""
         host = self.numpy()
@@ -99,7 +94,6 @@ class RowTable:
         return f"RowTable(dtype={self.dtype!r}, shape={self.shape}, nbytes={self.nbytes}, kind={self.kind!r})"
 
 
-
 def _fused_buffer(host):
     """(R, row bytes + 8) uint8: each row's codes, then its float32 scale and bias (host table)."""
     rows, row_bytes = host.data.shape
@@ -108,6 +102,7 @@ def _fused_buffer(host):
     qparams = buffer[:, row_bytes:].view(np.float32)
     qparams[:, 0], qparams[:, 1] = host.scale, host.bias
     return buffer
+
 
 def as_row_table(table, name="table"):
     """A RowTable as is, or a float (R, D) array of float32/float16/bfloat16 wrapped without a copy."""
