@@ -53,10 +53,23 @@ enum { EB_DATA, EB_QPARAMS, EB_DTYPE, EB_ROWS, EB_DIM, EB_ROW_BYTES, EB_COLUMN, 
  * follows calls of this kernel runs 1.6x faster (one thread, 2M rows: 1.6 vs 2.6 ms) than one
  * that follows a call reading the table without T1 prefetches (torch's EmbeddingBag, or this
  * loop with T0 alone), and stays slow for the whole call (measured in eighths); 10 ms of idle
- * spinning in between does not restore it, two calls of this kernel do. Then (the benchmark's
- * A/B alternation) it runs at torch's speed: both are bound by the lines in flight. T0 alone at
- * 16 rows (torch's scheme) is never faster in that state and never reaches the fast one. */
+ * spinning in between does not restore it, two calls of this kernel do (the same in a plain C
+ * loop, without Python or torch: a numpy gather or torch's kernel just before has the effect).
+ * In that slow state the T1 prefetches add little, as if dropped: the retry below recovers part
+ * of it. T0 alone at 16 rows (torch's scheme) is never faster in that state and never reaches
+ * the fast one. */
 #define EB_PREFETCH_BYTES 8192
+/* Tables above this (the L3 here) are read from DRAM, where rows of at least
+ * EB_RETRY_MIN_BLOCK_BYTES get a second L2 prefetch, half as far ahead. Measured back to back,
+ * D=64 fp32: 1.4x faster on one thread (2M rows: 1.72 -> 1.20 ms) and 1.1-1.3x on two (200k-2M
+ * rows), where two threads reach the DRAM bandwidth (21 MB of lines in 1.07 ms); alternated with
+ * torch (the benchmark), 2M rows: fp32 0.88-0.93x -> 1.01-1.20x torch, fp16 0.86-1.02x ->
+ * 1.08-1.16x. Inferred, as this VM has no counters to show it: an L2 prefetch issued while the
+ * core's miss buffers are full is dropped, and the retry catches most of those. Not worth it
+ * for 72-byte int8 rows (12-20% slower: the prefetches' issue cost) or in L3 (a 26 MB fp32
+ * table: 7% slower). */
+#define EB_RETRY_MIN_TABLE_BYTES (32 << 20)
+#define EB_RETRY_MIN_BLOCK_BYTES 128
 /* Tables up to this size stay in L2 (1 MB a core here) once warm: prefetches there only cost
  * issue slots (on 1000-row tables, one thread: D=64 fp16 and int8 1.3x, D=128 fp32 1.2-1.6x
  * faster without). */
@@ -84,6 +97,7 @@ typedef struct {
     int64_t first, last;        /* segments first..last-1 */
     int64_t prefetch_end;       /* rows are prefetched from positions below it only (0: none) */
     int64_t prefetch_rows;      /* this many positions ahead */
+    int64_t retry_rows;         /* a second L2 prefetch this many positions ahead (0: none) */
     float *out;                 /* output row of segment `first`, column c0 */
     int64_t out_stride;
     int pooling, check;
@@ -148,18 +162,25 @@ EB_AVX512 EB_INLINE void eb_prefetch_row(const int dtype, const int nv, const en
 
 /* Adds the row at index position i to `acc` (and its bias to *bias_sum, a valid row to *count);
  * returns 1 when the index is bad (check set) and 0 otherwise. Prefetches the rows that
- * prefetch_rows (into L2) and prefetch_rows / 4 (into L1) positions ahead will read. */
+ * prefetch_rows and retry_rows (into L2) and prefetch_rows / 4 (into L1) positions ahead will
+ * read. */
 EB_AVX512 EB_INLINE int eb_pool_position(const int dtype, const int nv, const int index64, const eb_run *run,
                                          const int64_t i, const __mmask16 mask, const __mmask16 int4_mask,
                                          __m512 *acc, float *bias_sum, int64_t *count)
 {
     const int quantized = dtype == EB_INT8 || dtype == EB_INT4;
-    const int64_t rows = run->rows, prefetch_rows = run->prefetch_rows;
+    const int64_t rows = run->rows, prefetch_rows = run->prefetch_rows, retry_rows = run->retry_rows;
     if (i + prefetch_rows < run->prefetch_end) {
         const int64_t far = eb_index(run->indices, index64, i + prefetch_rows);
         if ((uint64_t)far < (uint64_t)rows)
             eb_prefetch_row(dtype, nv, _MM_HINT_T1, run->data, run->row_bytes, run->block_bytes, run->qparams,
                             run->qparams_stride, far);
+    }
+    if (retry_rows && i + retry_rows < run->prefetch_end) {
+        const int64_t again = eb_index(run->indices, index64, i + retry_rows);
+        if ((uint64_t)again < (uint64_t)rows)
+            eb_prefetch_row(dtype, nv, _MM_HINT_T1, run->data, run->row_bytes, run->block_bytes, run->qparams,
+                            run->qparams_stride, again);
     }
     if (i + prefetch_rows / 4 < run->prefetch_end) {
         const int64_t near = eb_index(run->indices, index64, i + prefetch_rows / 4);
@@ -400,8 +421,10 @@ static int64_t eb_table_run(const eb_call *call, int64_t t, int64_t first, int64
     if (call->portable || dim == 0)   /* D = 0: no columns, but indices are still checked */
         return eb_run_portable(dtype, call->index64, &run);
     run.prefetch_rows = eb_prefetch_rows(dim < EB_BLOCK_COLUMNS ? dim : EB_BLOCK_COLUMNS, dtype);
+    const int retry = table[EB_ROWS] * table[EB_ROW_BYTES] > EB_RETRY_MIN_TABLE_BYTES;
     if (dim <= EB_BLOCK_COLUMNS) {
         run.block_bytes = (dim * eb_element_bits[dtype] + 7) / 8;
+        run.retry_rows = retry && run.block_bytes >= EB_RETRY_MIN_BLOCK_BYTES ? run.prefetch_rows / 2 : 0;
         return eb_avx512_runs[call->index64][dtype][(dim + 15) / 16 - 1](&run);
     }
     /* Wide rows: each bag is pooled one block of columns at a time (its rows stay in cache). */
@@ -413,6 +436,7 @@ static int64_t eb_table_run(const eb_call *call, int64_t t, int64_t first, int64
             run.data = data + c0 * eb_element_bits[dtype] / 8;
             run.columns = columns;
             run.block_bytes = (columns * eb_element_bits[dtype] + 7) / 8;
+            run.retry_rows = retry && run.block_bytes >= EB_RETRY_MIN_BLOCK_BYTES ? run.prefetch_rows / 2 : 0;
             run.first = s;
             run.last = s + 1;
             run.out = out + c0;
