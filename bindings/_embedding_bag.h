@@ -64,8 +64,9 @@ enum { EB_DATA, EB_QPARAMS, EB_DTYPE, EB_ROWS, EB_DIM, EB_ROW_BYTES, EB_COLUMN, 
  * D=64 fp32: 1.4x faster on one thread (2M rows: 1.72 -> 1.20 ms) and 1.1-1.3x on two (200k-2M
  * rows), where two threads reach the DRAM bandwidth (21 MB of lines in 1.07 ms); alternated with
  * torch (the benchmark), 2M rows: fp32 0.88-0.93x -> 1.01-1.20x torch, fp16 0.86-1.02x ->
- * 1.08-1.16x. Inferred, as this VM has no counters to show it: an L2 prefetch issued while the
- * core's miss buffers are full is dropped, and the retry catches most of those. Not worth it
+ * 1.08-1.16x. Inferred, as this VM has no counters to show it: some L2 prefetches are dropped
+ * (on Zen 4, as this EPYC is, PREFETCHT1/T2 were seen intermittently dropped, cause unknown:
+ * Wang et al., arXiv 2411.02814), and the retry catches most of those. Not worth it
  * for 72-byte int8 rows (12-20% slower: the prefetches' issue cost) or in L3 (a 26 MB fp32
  * table: 7% slower). */
 #define EB_RETRY_MIN_TABLE_BYTES (32 << 20)
