@@ -12,6 +12,8 @@ Shapes (B = 2048, 8 rotated index sets each, uniform random rows):
 - large: R = 2M, D = 64, L = 32, sum (512 MB fp32: random DRAM reads);
 - DLRM-like: 26 tables, R log-spaced 1k..4M, D = 128 below 100k rows else 64, L per table
   drawn from 1..40; TableBatch.lookup vs one EmbeddingBag call per table + torch.cat.
+- online (no target in issue 3): what a host service answering one request sees, B = 1 and 16
+  on the large table and on the DLRM-like tables (the first B bags of each index set).
 Our side is the public API (embedding_bag / TableBatch.lookup, validation included). The "int8
 fused rows" cases (no target) store the same int8 tables as RowTables over one buffer of
 FBGEMM-layout rows (codes, scale, bias), which the CPU kernel reads in place: what quantize_rows
@@ -39,7 +41,7 @@ def torch_bag(table):
     return bag
 
 
-def single_table_cases(rng, name, rows, dim, pooling_factor, int8_target):
+def single_table_cases(rng, name, rows, dim, pooling_factor, int8_target, online_batches=()):
     table = random_table(rng, rows, dim)
     index_sets = [rng.integers(0, rows, B * pooling_factor) for _ in range(N_SETS)]
     offsets = np.arange(0, B * pooling_factor + 1, pooling_factor, dtype=np.int64)
@@ -48,16 +50,22 @@ def single_table_cases(rng, name, rows, dim, pooling_factor, int8_target):
     row_reads = B * pooling_factor
     shape = f"{name} R={rows // 1000}k D={dim} B={B} L={pooling_factor}"
 
-    def peer_of(bag):
+    def peer_of(bag, sets=torch_sets, bag_starts=torch_offsets):
         def run(i):
             with torch.no_grad():
-                return bag(torch_sets[i], torch_offsets)
+                return bag(sets[i], bag_starts)
         return run
 
-    def ours_of(stored):
-        return lambda i: embedding_bag(stored, index_sets[i], offsets)
+    def ours_of(stored, sets=index_sets, bag_offsets=offsets):
+        return lambda i: embedding_bag(stored, sets[i], bag_offsets)
 
     torch_fp32 = peer_of(torch_bag(table))
+    for bags in online_batches:
+        online_sets = [s[:bags * pooling_factor] for s in index_sets]
+        yield Comparison(f"online {name} R={rows // 1000}k D={dim} B={bags} L={pooling_factor} fp32", "recscore cpu fp32",
+                         "torch.nn.EmbeddingBag fp32", ours_of(table, online_sets, offsets[:bags + 1]),
+                         peer_of(torch_bag(table), [torch.from_numpy(s) for s in online_sets], torch_offsets[:bags]),
+                         pairs=200, bytes_per_call=bags * pooling_factor * dim * 4)
     yield Comparison(f"{shape} fp32", "recscore cpu fp32", "torch.nn.EmbeddingBag fp32", ours_of(table), torch_fp32,
                      target=1.2, bytes_per_call=row_reads * dim * 4)
     table_fp16 = table.astype(np.float16)
@@ -74,7 +82,7 @@ def single_table_cases(rng, name, rows, dim, pooling_factor, int8_target):
                          note="int8 codes, scale and bias in one 72-byte row (FBGEMM's layout), as a RowTable")
 
 
-def dlrm_cases(rng, quick):
+def dlrm_cases(rng, quick, online_batches=()):
     n_tables = 8 if quick else 26
     rows = np.geomspace(1_000, 200_000 if quick else 4_000_000, n_tables).astype(np.int64)
     dims = [128 if r < 100_000 else 64 for r in rows]
@@ -92,17 +100,28 @@ def dlrm_cases(rng, quick):
     row_reads = B * int(pooling_factors.sum())
     row_bytes = float(np.dot(pooling_factors, dims)) / pooling_factors.sum()
 
-    def peer_of(bags):
+    def peer_of(bags, inputs=torch_inputs):
         def run(i):
             with torch.no_grad():
-                return torch.cat([bag(idx, off) for bag, (idx, off) in zip(bags, torch_inputs[i])], dim=1)
+                return torch.cat([bag(idx, off) for bag, (idx, off) in zip(bags, inputs[i])], dim=1)
         return run
 
-    def ours_of(stored_tables):
+    def ours_of(stored_tables, sets=index_sets, bag_offsets=offsets):
         batch = TableBatch(stored_tables)
-        return lambda i: batch.lookup(index_sets[i], offsets)
+        return lambda i: batch.lookup(sets[i], bag_offsets)
 
     torch_fp32 = peer_of([torch_bag(t) for t in tables])
+    for bags in online_batches:
+        # The first `bags` bags of each table: per table, a prefix of its part of the index set.
+        online_sets = [np.concatenate([s[starts[t]:starts[t] + bags * L] for t, L in enumerate(pooling_factors)])
+                       for s in index_sets]
+        online_offsets = np.concatenate([[0], np.cumsum(np.repeat(pooling_factors, bags))]).astype(np.int64)
+        online_torch = [[(idx[:bags * L], off[:bags]) for (idx, off), L in zip(inputs, pooling_factors)]
+                        for inputs in torch_inputs]
+        yield Comparison(f"online DLRM-like T={n_tables} B={bags} L=1..40 fp32", "recscore cpu TableBatch fp32",
+                         "torch.nn.EmbeddingBag fp32, per-table loop", ours_of(tables, online_sets, online_offsets),
+                         peer_of([torch_bag(t) for t in tables], online_torch), pairs=200,
+                         bytes_per_call=bags * float(np.dot(pooling_factors, dims)) * 4)
     yield Comparison(f"{shape} fp32", "recscore cpu TableBatch fp32", "torch.nn.EmbeddingBag fp32, per-table loop",
                      ours_of(tables), torch_fp32, target=1.5, bytes_per_call=row_reads * row_bytes * 4)
     tables_int8 = [quantize_rows(t, "int8") for t in tables]
@@ -125,5 +144,5 @@ def dlrm_cases(rng, quick):
 def comparisons(quick=False):
     rng = np.random.default_rng(2026)
     yield from single_table_cases(rng, "small", 20_000 if quick else 100_000, 64, 32, None)
-    yield from single_table_cases(rng, "large", 200_000 if quick else 2_000_000, 64, 32, 4.0)
-    yield from dlrm_cases(rng, quick)
+    yield from single_table_cases(rng, "large", 200_000 if quick else 2_000_000, 64, 32, 4.0, online_batches=(1, 16))
+    yield from dlrm_cases(rng, quick, online_batches=(1, 16))

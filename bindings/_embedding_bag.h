@@ -44,6 +44,12 @@ enum { EB_DATA, EB_QPARAMS, EB_DTYPE, EB_ROWS, EB_DIM, EB_ROW_BYTES, EB_COLUMN, 
 #define EB_BLOCK_VECTORS 8          /* 128 columns pooled in registers at a time */
 #define EB_BLOCK_COLUMNS (16 * EB_BLOCK_VECTORS)
 #define EB_CHUNKS_PER_THREAD 16
+/* Calls of less estimated cost (eb_index_cost, eb_bag_cost: about bytes read) run on the calling
+ * thread alone: waking a sleeping OpenMP thread (OMP_WAIT_POLICY=PASSIVE) and joining it cost
+ * 60-120 us here, while 2 MB of rows take about 100 us on one thread. Measured D=64, L=32:
+ * one thread is faster up to B=256 fp32 (B=16: 34-48 against 60-92 us) and B=256 fp16 (179 against
+ * 194 us); two threads win from B=512 on. */
+#define EB_PARALLEL_MIN_COST (2 << 20)
 /* Rows are prefetched twice: about EB_PREFETCH_BYTES ahead into L2 (hint T1), and a quarter of
  * that ahead into L1 (T0). Measured one thread, D=64 fp32, 2M-row table, against T1 alone and
  * T0 alone at FBGEMM's distance (8 rows): 1.2-1.3x and 1.5x faster where the table's memory is
@@ -472,23 +478,24 @@ static int64_t eb_lookup(const eb_call *call, int64_t n_tables, int num_threads)
     const int64_t B = call->bags_per_table, n_segments = n_tables * B;
     if (n_segments == 0)
         return -1;
-    int64_t n_chunks = (int64_t)num_threads * EB_CHUNKS_PER_THREAD;
-    if (num_threads <= 1)
-        n_chunks = 1;
-    if (n_chunks > n_segments)
-        n_chunks = n_segments;
-    int64_t *chunk_starts = malloc(sizeof(int64_t) * (size_t)(n_chunks + 1));
     double *table_cost = malloc(sizeof(double) * (size_t)(n_tables + 1));
-    if (chunk_starts == NULL || table_cost == NULL) {
-        free(chunk_starts);
-        free(table_cost);
+    if (table_cost == NULL)
         return -2;
-    }
     table_cost[0] = 0.0;
     for (int64_t t = 0; t < n_tables; t++) {
         const int64_t *table = call->tables + t * EB_FIELDS;
         table_cost[t + 1] = table_cost[t] + (double)B * eb_bag_cost(table)
             + (double)(call->offsets[(t + 1) * B] - call->offsets[t * B]) * eb_index_cost(table);
+    }
+    int64_t n_chunks = (int64_t)num_threads * EB_CHUNKS_PER_THREAD;
+    if (num_threads <= 1 || table_cost[n_tables] < EB_PARALLEL_MIN_COST)
+        n_chunks = 1;
+    if (n_chunks > n_segments)
+        n_chunks = n_segments;
+    int64_t *chunk_starts = malloc(sizeof(int64_t) * (size_t)(n_chunks + 1));
+    if (chunk_starts == NULL) {
+        free(table_cost);
+        return -2;
     }
     /* chunk c starts at the first segment whose cost prefix reaches c/n_chunks of the total */
     chunk_starts[0] = 0;

@@ -108,6 +108,23 @@ def test_cpu_tables_larger_than_l3(rng):
         check_cpu(tables, indices, offsets, **options)
 
 
+def test_cpu_calls_big_enough_to_run_in_parallel(rng):
+    """Calls over EB_PARALLEL_MIN_COST (2 MB of estimated row and index bytes) split into chunks across
+    threads (smaller ones run on the calling thread): every option, and a bad index late in the call."""
+    tables = [make_table(rng, 5000, 64, "fp32"), make_table(rng, 3000, 129, "int8"), make_table(rng, 700, 48, "fp16")]
+    bags = 2500
+    for indices, offsets, options in every_option(rng, tables, bags):
+        assert len(indices) * (64 * 4 + 64) > 2 << 20
+        check_cpu(tables, indices, offsets, **options)
+    indices, offsets = make_bags(rng, [t.shape[0] for t in tables], bags, padding=0.0)
+    lengths = np.diff(offsets)
+    bag = int(np.flatnonzero(lengths[2 * bags:] > 1)[-1]) + 2 * bags   # a late bag of the third table
+    bad = indices.copy()
+    bad[offsets[bag] + 1] = 700
+    with use_backend("cpu"), pytest.raises(IndexError, match=rf"table 2, bag {bag - 2 * bags}, position 1\)"):
+        TableBatch(tables).lookup(bad, offsets)
+
+
 def test_cpu_mixed_table_batch(rng):
     """All dtypes and widths in one batch, skewed bag sizes (a few bags of thousands)."""
     specs = [(1000, 64, "fp32"), (1, 3, "int8"), (5000, 129, "int4"), (77, 16, "fp16"), (300, 48, "bf16"),
