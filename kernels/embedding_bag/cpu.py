@@ -10,8 +10,9 @@ compiled for 22-25 s per index dtype on a cold cache. The C kernel takes 2.4 ns 
 (D=64 fp32, as torch) and, on one thread from DRAM, 24-28 ns after calls of its own (torch 38-40)
 but 38-42 ns right after a torch call (see EB_PREFETCH_BYTES in the .h), and the first call now costs
 about 0.3 s, nearly all of it importing numba (whose thread
-count, numba.get_num_threads(), sets the OpenMP threads, as for the other CPU kernels). It
-checks indices in its own pass, so bounds="error" costs no separate scan.
+count, numba.get_num_threads(), sets the OpenMP threads, as for the other CPU kernels; calls
+under about 2 MB of rows run on the calling thread, see EB_PARALLEL_MIN_COST). It checks
+indices in its own pass, so bounds="error" costs no separate scan.
 
 Layout: each table is described by one row of an int64 array (data and qparams addresses, dtype,
 R, D, row strides, output column), built once per batch into `batch.prepared`, so tables of any
