@@ -114,7 +114,7 @@ def test_cpu_calls_big_enough_to_run_in_parallel(rng):
     tables = [make_table(rng, 5000, 64, "fp32"), make_table(rng, 3000, 129, "int8"), make_table(rng, 700, 48, "fp16")]
     bags = 2500
     for indices, offsets, options in every_option(rng, tables, bags):
-        assert len(indices) * (64 * 4 + 64) > 2 << 20
+        assert len(indices) * (48 * 2 + 64) > 2 << 20   # the kernel's cost: row bytes + 64 an index, at least
         check_cpu(tables, indices, offsets, **options)
     indices, offsets = make_bags(rng, [t.shape[0] for t in tables], bags, padding=0.0)
     lengths = np.diff(offsets)
