@@ -8,7 +8,7 @@ import time
 
 import numpy as np
 
-from recscore.kernels import embedding_bag, topk
+from recscore.kernels import TableBatch, topk
 
 
 @dataclasses.dataclass
@@ -24,10 +24,11 @@ class Recommender:
 
     history_table: (N, d) table or quantize_rows result, pooled per user (pooling "mean",
     or "sum" weighted by the history weights); item_corpus: (N, d) or quantize_rows result.
+    The table is held as a one-table TableBatch, so its layout is described once, not per request.
     """
 
     def __init__(self, history_table, item_corpus, pooling="mean", weighted=False):
-        self.history_table = history_table
+        self.history = TableBatch([history_table])
         self.item_corpus = item_corpus
         self.pooling = pooling
         self.weighted = weighted
@@ -36,8 +37,8 @@ class Recommender:
         """Top-k for a batch of users given as CSR histories; seen items are excluded."""
         start = time.perf_counter()
         weights = history_weights if self.weighted else None
-        user_vectors = embedding_bag(self.history_table, history_items, history_indptr,
-                                     pooling=self.pooling, per_sample_weights=weights)
+        user_vectors = self.history.lookup(history_items, history_indptr, pooling=self.pooling,
+                                           per_sample_weights=weights)
         pooled = time.perf_counter()
         scores, ids = topk(user_vectors, self.item_corpus, k, metric="ip",
                            exclude=(history_indptr, history_items))
