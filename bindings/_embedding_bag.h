@@ -65,17 +65,19 @@ enum { EB_DATA, EB_QPARAMS, EB_DTYPE, EB_ROWS, EB_DIM, EB_ROW_BYTES, EB_COLUMN, 
  * of it. T0 alone at 16 rows (torch's scheme) is never faster in that state and never reaches
  * the fast one. */
 #define EB_PREFETCH_BYTES 8192
-/* Tables above this (the L3 here) are read from DRAM, where rows of at least
- * EB_RETRY_MIN_BLOCK_BYTES get a second L2 prefetch, half as far ahead. Measured back to back,
- * D=64 fp32: 1.4x faster on one thread (2M rows: 1.72 -> 1.20 ms) and 1.1-1.3x on two (200k-2M
- * rows), where two threads reach the DRAM bandwidth (21 MB of lines in 1.07 ms); alternated with
- * torch (the benchmark), 2M rows: fp32 0.88-0.93x -> 1.01-1.20x torch, fp16 0.86-1.02x ->
- * 1.08-1.16x. Inferred, as this VM has no counters to show it: some L2 prefetches are dropped
- * (on Zen 4, as this EPYC is, PREFETCHT1/T2 were seen intermittently dropped, cause unknown:
- * Wang et al., arXiv 2411.02814), and the retry catches most of those. Not worth it
- * for 72-byte int8 rows (12-20% slower: the prefetches' issue cost) or in L3 (a 26 MB fp32
- * table: 7% slower). */
-#define EB_RETRY_MIN_TABLE_BYTES (32 << 20)
+/* Tables above this (half the 32 MB L3 here, which the calls of other code share) are read
+ * mostly from DRAM, where rows of at least EB_RETRY_MIN_BLOCK_BYTES get a second L2 prefetch,
+ * half as far ahead. Measured back to back, D=64 fp32: 1.4x faster on one thread (2M rows:
+ * 1.72 -> 1.20 ms) and 1.1-1.3x on two (200k-2M rows), where two threads reach the DRAM
+ * bandwidth (21 MB of lines in 1.07 ms). Alternated with torch (the benchmark; A/B runs of the
+ * group, same session): 2M rows fp32 0.88-0.93x -> 1.01-1.20x torch, fp16 0.86-1.02x ->
+ * 1.04-1.35x; 100k rows fp32 (26 MB) 0.84-1.05x -> 1.11-1.35x, though 7% slower back to back.
+ * Inferred, as this VM has no counters to show it: some L2 prefetches are dropped (on Zen 4, as
+ * this EPYC is, PREFETCHT1/T2 were seen intermittently dropped, cause unknown: Wang et al.,
+ * arXiv 2411.02814), and the retry catches most of those. Not worth it for 72-byte int8 rows
+ * (no gain alternated, 12-20% slower back to back: the prefetches' issue cost) nor for a 13 MB
+ * fp16 table (1.11-1.46x -> 1.02-1.17x alternated). */
+#define EB_RETRY_MIN_TABLE_BYTES (16 << 20)
 #define EB_RETRY_MIN_BLOCK_BYTES 128
 /* Tables up to this size stay in L2 (1 MB a core here) once warm: prefetches there only cost
  * issue slots (on 1000-row tables, one thread: D=64 fp16 and int8 1.3x, D=128 fp32 1.2-1.6x

@@ -98,12 +98,12 @@ def test_cpu_one_row_and_many_rows(rng, dtype):
             check_cpu(tables, indices, offsets, **options)
 
 
-def test_cpu_tables_larger_than_l3(rng):
-    """Tables over 32 MB with rows of 128+ bytes take the second L2 prefetch (EB_RETRY_*): fp32 rows, int8
+def test_cpu_tables_taking_the_second_l2_prefetch(rng):
+    """Tables over 16 MB with rows of 128+ bytes take the second L2 prefetch (EB_RETRY_*): fp32 rows, int8
     rows and 128-column blocks of wide rows, in one batch with a small table."""
-    tables = [make_table(rng, 140_000, 64, "fp32"), make_table(rng, 170_000, 200, "int8"),
-              make_table(rng, 30_000, 300, "fp32"), make_table(rng, 500, 64, "fp32")]
-    assert all(t.data.nbytes > 32 << 20 for t in tables[:3])
+    tables = [make_table(rng, 70_000, 64, "fp32"), make_table(rng, 90_000, 200, "int8"),
+              make_table(rng, 15_000, 300, "fp32"), make_table(rng, 500, 64, "fp32")]
+    assert all(t.data.nbytes > 16 << 20 for t in tables[:3])
     for indices, offsets, options in every_option(rng, tables, 200):
         check_cpu(tables, indices, offsets, **options)
 
