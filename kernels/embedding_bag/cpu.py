@@ -7,8 +7,9 @@ in zmm registers across a bag, masked loads for any D, and software prefetches p
 boundaries. Numba kept the accumulator in memory,
 cost 13 cycles a row in cache against FBGEMM's 9 and 102 ns a row from DRAM against 67, and
 compiled for 22-25 s per index dtype on a cold cache. The C kernel takes 2.4 ns a row in cache
-(D=64 fp32, as torch) and, on one thread from DRAM, 24-28 ns after calls of its own (torch 38-40)
-but 38-42 ns right after a torch call (see EB_PREFETCH_BYTES in the .h), and the first call now costs
+(D=64 fp32, as torch) and, on one thread from DRAM, 24-28 ns after calls of its own (18 ns with
+the second L2 prefetch; torch 38-40) but 38-42 ns right after a torch call (see EB_PREFETCH_BYTES
+and EB_RETRY_MIN_TABLE_BYTES in the .h), and the first call now costs
 about 0.3 s, nearly all of it importing numba (whose thread
 count, numba.get_num_threads(), sets the OpenMP threads, as for the other CPU kernels; calls
 under about 2 MB of rows run on the calling thread, see EB_PARALLEL_MIN_COST). It checks
