@@ -46,10 +46,11 @@ enum { EB_DATA, EB_QPARAMS, EB_DTYPE, EB_ROWS, EB_DIM, EB_ROW_BYTES, EB_COLUMN, 
 #define EB_CHUNKS_PER_THREAD 16
 /* Calls of less estimated cost (eb_index_cost, eb_bag_cost: about bytes read) run on the calling
  * thread alone: waking a sleeping OpenMP thread (OMP_WAIT_POLICY=PASSIVE) and joining it cost
- * 60-120 us here, while 2 MB of rows take about 100 us on one thread. Measured D=64, L=32:
- * one thread is faster up to B=256 fp32 (B=16: 34-48 against 60-92 us) and B=256 fp16 (179 against
- * 194 us); two threads win from B=512 on. */
-#define EB_PARALLEL_MIN_COST (2 << 20)
+ * 60-120 us here, while 3 MB of rows take about 150 us on one thread. Measured D=64, L=32, one
+ * thread against two in one run: fp32 B=16 34-48 against 60-92 us, B=256 (cost 2.7M) 151-211
+ * against 156-242 us; fp16 B=256 179 against 194 us; two threads win from B=512 (fp16 cost
+ * 3.3M: 294 against 269 us). */
+#define EB_PARALLEL_MIN_COST (3 << 20)
 /* Rows are prefetched twice: about EB_PREFETCH_BYTES ahead into L2 (hint T1), and a quarter of
  * that ahead into L1 (T0). Measured one thread, D=64 fp32, 2M-row table, against T1 alone and
  * T0 alone at FBGEMM's distance (8 rows): 1.2-1.3x and 1.5x faster where the table's memory is
@@ -71,7 +72,7 @@ enum { EB_DATA, EB_QPARAMS, EB_DTYPE, EB_ROWS, EB_DIM, EB_ROW_BYTES, EB_COLUMN, 
  * 1.72 -> 1.20 ms) and 1.1-1.3x on two (200k-2M rows), where two threads reach the DRAM
  * bandwidth (21 MB of lines in 1.07 ms). Alternated with torch (the benchmark; A/B runs of the
  * group, same session): 2M rows fp32 0.88-0.93x -> 1.01-1.20x torch, fp16 0.86-1.02x ->
- * 1.04-1.35x; 100k rows fp32 (26 MB) 0.84-1.05x -> 1.11-1.35x, though 7% slower back to back.
+ * 1.04-1.45x; 100k rows fp32 (26 MB) 0.84-1.05x -> 1.11-1.35x, though 7% slower back to back.
  * Inferred, as this VM has no counters to show it: some L2 prefetches are dropped (on Zen 4, as
  * this EPYC is, PREFETCHT1/T2 were seen intermittently dropped, cause unknown: Wang et al.,
  * arXiv 2411.02814), and the retry catches most of those. Not worth it for 72-byte int8 rows

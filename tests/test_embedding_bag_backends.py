@@ -99,23 +99,31 @@ def test_cpu_one_row_and_many_rows(rng, dtype):
 
 
 def test_cpu_tables_taking_the_second_l2_prefetch(rng):
-    """Tables over 16 MB with rows of 128+ bytes take the second L2 prefetch (EB_RETRY_*): fp32 rows, int8
-    rows and 128-column blocks of wide rows, in one batch with a small table."""
+    """Tables over 16 MB with rows of 128+ bytes take a second L2 prefetch (EB_RETRY_*), which reads
+    indices further ahead: fp32 rows, int8 rows and 128-column blocks of wide rows, in one batch with
+    a small table, in calls big enough to split into chunks that end inside a table."""
     tables = [make_table(rng, 70_000, 64, "fp32"), make_table(rng, 90_000, 200, "int8"),
               make_table(rng, 15_000, 300, "fp32"), make_table(rng, 500, 64, "fp32")]
     assert all(t.data.nbytes > 16 << 20 for t in tables[:3])
-    for indices, offsets, options in every_option(rng, tables, 200):
+    for indices, offsets, options in every_option(rng, tables, 1500):
+        assert len(indices) * (200 + 64) > 3 << 20   # over EB_PARALLEL_MIN_COST: split across threads
         check_cpu(tables, indices, offsets, **options)
 
 
 def test_cpu_calls_big_enough_to_run_in_parallel(rng):
-    """Calls over EB_PARALLEL_MIN_COST (2 MB of estimated row and index bytes) split into chunks across
-    threads (smaller ones run on the calling thread): every option, and a bad index late in the call."""
+    """Calls over EB_PARALLEL_MIN_COST (3 MB of estimated row and index bytes) split into chunks across
+    threads: every option on the AVX-512 and the portable loops, and a bad index late in the call."""
     tables = [make_table(rng, 5000, 64, "fp32"), make_table(rng, 3000, 129, "int8"), make_table(rng, 700, 48, "fp16")]
-    bags = 2500
+    bags = 4000
+    batch = TableBatch(tables)
     for indices, offsets, options in every_option(rng, tables, bags):
-        assert len(indices) * (48 * 2 + 64) > 2 << 20   # the kernel's cost: row bytes + 64 an index, at least
+        assert len(indices) * (48 * 2 + 64) > 3 << 20   # the kernel's cost: row bytes + 64 an index, at least
         check_cpu(tables, indices, offsets, **options)
+        want = run("reference", tables, indices, offsets, **options)
+        pooling, bounds = options.get("pooling", "sum"), options.get("bounds", "error")
+        got = cpu.lookup(batch, indices, offsets, bags, pooling, options.get("per_sample_weights"), bounds,
+                         portable=True)
+        np.testing.assert_allclose(got, want, rtol=tolerance(tables), atol=tolerance(tables))
     indices, offsets = make_bags(rng, [t.shape[0] for t in tables], bags, padding=0.0)
     lengths = np.diff(offsets)
     bag = int(np.flatnonzero(lengths[2 * bags:] > 1)[-1]) + 2 * bags   # a late bag of the third table

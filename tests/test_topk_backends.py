@@ -1,5 +1,6 @@
 """topk backends ("cpu", "triton") against the reference: ids, scores, ties, padding, exclusions."""
 import threading
+from unittest import mock
 from pathlib import Path
 
 import numpy as np
@@ -217,8 +218,15 @@ C_PATHS = [pytest.param(isa, id=name, marks=pytest.mark.skipif(topk_cpu.BEST_ISA
 
 
 def c_scan_topk(queries, table, k, metric, exclude, isa):
-    """The CPU backend (validated inputs) with the C scan's code path chosen."""
-    return topk_cpu.topk(queries, table, k, metric, exclude, isa=isa)
+    """The CPU backend (validated inputs) with the C scan's code path chosen. Each call runs twice:
+    as it comes (these small corpora scan on the calling thread, under SERIAL_SCAN_BELOW) and with
+    the scan split across threads as for big corpora, which must give the same result."""
+    want = topk_cpu.topk(queries, table, k, metric, exclude, isa=isa)
+    with mock.patch.object(topk_cpu, "SERIAL_SCAN_BELOW", 0):
+        split = topk_cpu.topk(queries, table, k, metric, exclude, isa=isa)
+    np.testing.assert_array_equal(split[0], want[0])
+    np.testing.assert_array_equal(split[1], want[1])
+    return want
 
 
 @pytest.mark.parametrize("isa", C_PATHS)

@@ -162,6 +162,6 @@ def topk(queries, corpus, k, metric, exclude, *, isa=BEST_ISA):
                     tile_rows, excl_ptr, excl_ids, n_chunks, keys, counts, bad.view(np.uint8), threads)
     if bad.any():
         raise ValueError("corpus contains NaN or inf (a score came out non-finite)")
-    merge = _merge_serial if B < SERIAL_MERGE_BELOW else _merge_parallel
+    merge = _merge_serial if serial or B < SERIAL_MERGE_BELOW else _merge_parallel
     merge(keys, counts, k, metric == "l2", scores_out, ids_out)
     return scores_out, ids_out
