@@ -10,7 +10,9 @@ Large shape: R = 2M, D = 64, B = 2048, L = 32, sum, 8 rotated index sets (unifor
 - int8 / int4 rows: ours vs our own fp32 lookup of the same logical table (target int8 2.5x);
   "int8 fused" stores the int8 table in FBGEMM's layout (RowTable.fused()), one 72-byte row.
 - "lookup_with_flags" rows time the lookup that does not read the kernel's error flags (the
-  public call's one wait for the GPU), to show what that wait costs at this size.
+  public call's one wait for the GPU): against embedding_bag, what that wait costs at this size;
+  against torch (which never waits: a bad index is a device-side assert), the host-side launch
+  paths alone.
 - "device time" rows replay CUDA graphs of 8 lookup_with_flags calls (one per index set) against
   graphs of 8 torch calls: the GPU's own time, without Python or launch gaps; the GB/s target is
   read off these rows.
@@ -66,6 +68,9 @@ def large_cases(rng, rows, dim, pooling_factor):
     yield Comparison(f"{shape} fp32, lookup_with_flags", "recscore triton fp32, TableBatch.lookup_with_flags",
                      "recscore triton fp32 (embedding_bag)", no_wait("fp32"), ours_of(tables["fp32"]),
                      bytes_per_call=row_reads * dim * 4, device=DEVICE, note="what reading the error flags costs")
+    yield Comparison(f"{shape} fp32, lookup_with_flags vs torch", "recscore triton fp32, TableBatch.lookup_with_flags",
+                     "torch.nn.EmbeddingBag cuda fp32", no_wait("fp32"), peer_of(tables["fp32"].data),
+                     bytes_per_call=row_reads * dim * 4, device=DEVICE, note="neither side waits for the GPU")
     kernel = {dtype: cuda_graph_of(no_wait(dtype), N_SETS) for dtype in ("fp32", "int8", "int8 fused")}
     torch_fp32 = cuda_graph_of(peer_of(tables["fp32"].data), N_SETS)
     graph = f"device time, graph of {N_SETS} calls"

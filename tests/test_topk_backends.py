@@ -1,4 +1,5 @@
 """topk backends ("cpu", "triton") against the reference: ids, scores, ties, padding, exclusions."""
+import contextlib
 import threading
 from unittest import mock
 from pathlib import Path
@@ -492,6 +493,21 @@ def test_triton_edges(rng, triton_device):
     bad[7, 1] = np.nan
     with pytest.raises(ValueError, match="corpus contains NaN or inf"):
         triton_topk(np.ones((1, 4), np.float32), bad, 2, "ip", None, triton_device)
+
+
+@pytest.mark.parametrize("dtype, k, warning", [("int4", 5, "no Triton kernel for int4 rows"),
+                                                ("fp32", 257, "at most k = 256"), ("int8", 400, "at most k = 256")])
+def test_triton_searches_on_the_host_with_a_warning(rng, triton_device, monkeypatch, dtype, k, warning):
+    """int4 rows and k past the kernel's register budget run the C scan, announced once."""
+    from recscore.kernels import _backend
+    monkeypatch.setattr(_backend, "_warned", set())
+    corpus = quantize_rows(rng.standard_normal((300, 24)).astype(np.float32), dtype)
+    queries = rng.standard_normal((3, 24)).astype(np.float32)
+    exclude = random_exclusions(rng, 3, 300, 20)
+    for metric in ("ip", "l2"):
+        with pytest.warns(RuntimeWarning, match=warning) if metric == "ip" else contextlib.nullcontext():
+            got = triton_topk(queries, corpus, k, metric, exclude, triton_device)
+        assert_close_topk(got, reference_topk(queries, corpus, k, metric, exclude), queries, corpus, metric, exclude)
 
 
 def test_cpu_warns_when_it_must_copy_a_strided_corpus(rng, monkeypatch):

@@ -20,6 +20,7 @@ import triton
 import triton.language as tl
 
 from .._backend import triton_interpreted
+from .._triton_launch import LaunchCache
 
 DTYPE_CODES = {"fp32": 0, "fp16": 1, "bf16": 2, "int8": 3, "int4": 4}
 POOLING_CODES = {"sum": 0, "mean": 1, "max": 2}
@@ -37,12 +38,14 @@ def _configs():
         return [triton.Config({"BLOCK_L": 8, "BLOCK_D": 32}, num_warps=1)]
     # BLOCK_L = 32 puts a whole typical bag's rows in flight at once; BLOCK_L = 8 with one warp
     # won for int8 rows on an H100 (bench/RESULTS.md, the configuration sweep): keep both.
+    # Tiles stop at 4096 elements: 32 x 256 spills registers on sm_90 for a batch of every dtype
+    # (255 registers a thread; tests/sm90_checks.py), and 32 x 512 needs 210 (one program an SM).
     return [triton.Config({"BLOCK_L": block_l, "BLOCK_D": block_d}, num_warps=max(1, min(8, block_l * block_d // 512)))
-            for block_d in (32, 64, 128, 256, 512) for block_l in (8, 32)]
+            for block_d in (32, 64, 128, 256, 512) for block_l in (8, 32) if block_l * block_d <= 4096]
 
 
 def _prune(configs, named_args, **kwargs):
-    """Only the tiles that cover D in one or two column blocks: 4 configs to time, not 10."""
+    """Only the tiles that cover D in one or two column blocks: 3 or 4 configs to time, not 8."""
     widest = max(32, min(512, triton.next_power_of_2(max(1, int(named_args["MAX_DIM"])))))
     return [c for c in configs if c.kwargs["BLOCK_D"] in (widest, widest // 2)] or configs
 
@@ -143,10 +146,10 @@ def _lookup_kernel(base_ptr, meta_ptr, indices_ptr, offsets_ptr, weights_ptr, ou
     tl.store(errors_ptr + 2, 1, mask=bad_weights > 0)
 
 
+_launch_lookup = LaunchCache(_lookup_kernel)
 _meta_cache = {}
 _meta_cache_lock = threading.Lock()
 META_CACHE_SIZE = 4096
-_launch_lock = threading.Lock()
 
 
 def _meta_on_device(rows_meta, device):
@@ -225,9 +228,8 @@ def lookup(batch, indices, offsets, bags_per_table, pooling, per_sample_weights)
     out = torch.empty((bags_per_table, total_dim), dtype=torch.float32, device=base.device)
     errors = torch.zeros(3, dtype=torch.int32, device=base.device)
     weights = per_sample_weights if per_sample_weights is not None else out
-    grid = lambda config: (n_segments, triton.cdiv(max_dim, config["BLOCK_D"]))  # noqa: E731
-    with _launch_lock:  # the autotuner keeps a call's arguments on the shared kernel object
-        _lookup_kernel[grid](base, meta, indices, offsets, weights, out, errors, bags_per_table, total_dim,
-                             indices.shape[0], n_segments, max_dim, flags, POOLING_CODES[pooling],
-                             per_sample_weights is not None, row_align, dim_multiple)
+    grid = lambda config: (n_segments, -(-max_dim // config["BLOCK_D"]))  # noqa: E731  (triton.cdiv costs 2 us in 3.9)
+    _launch_lookup(grid, base, meta, indices, offsets, weights, out, errors, bags_per_table, total_dim,
+                   indices.shape[0], n_segments, max_dim, flags, POOLING_CODES[pooling],
+                   per_sample_weights is not None, row_align, dim_multiple)
     return out, errors

@@ -17,6 +17,7 @@ import triton
 import triton.language as tl
 
 from .._backend import triton_interpreted
+from .._triton_launch import LaunchCache
 
 FORMATS = ("int8", "int4", "q8_0", "q4_k")
 _FORMAT_IDS = {"int8": 0, "int4": 1, "q8_0": 2, "q4_k": 3}
@@ -192,6 +193,10 @@ def qgemm_kernel(x_ptr, data_ptr, scales_ptr, out_ptr, M, N, K, row_bytes, n_gro
     _write(out_ptr + offs_m[:, None] * N + offs_n[None, :], acc, mask, SPLIT_K)
 
 
+_launch_qgemv, _launch_qgemv_int4, _launch_qgemv_q4_k, _launch_qgemm = (
+    LaunchCache(kernel) for kernel in (qgemv_kernel, qgemv_int4_kernel, qgemv_q4_k_kernel, qgemm_kernel))
+
+
 def _device_storage(qm, device):
     """The packed bytes and scales on `device`, copied once per matrix and device."""
     key = ("triton", str(device))
@@ -235,21 +240,20 @@ def _gemv(x, qm, data, scales, n_groups, fmt):
         block_b = 32 if interpreted else 128
         split_k, steps = _split(triton.cdiv(data.shape[1], block_b), M * n_blocks, x.device)
         out = _output(M, N, split_k, x.device)
-        qgemv_int4_kernel[(M, n_blocks, split_k)](x, data, scales, out, N, K, data.shape[1], n_groups, steps * block_b,
-                                                  GROUP=qm.group_size, BLOCK_N=block_n, BLOCK_B=block_b, SPLIT_K=split_k)
+        _launch_qgemv_int4((M, n_blocks, split_k), x, data, scales, out, N, K, data.shape[1], n_groups, steps * block_b,
+                          GROUP=qm.group_size, BLOCK_N=block_n, BLOCK_B=block_b, SPLIT_K=split_k)
         return out
     if qm.fmt == "q4_k":
         split_k, blocks = _split(K // 256, M * n_blocks, x.device)
         out = _output(M, N, split_k, x.device)
-        qgemv_q4_k_kernel[(M, n_blocks, split_k)](x, data, out, N, K, data.shape[1], blocks,
-                                                  BLOCK_N=block_n, SPLIT_K=split_k)
+        _launch_qgemv_q4_k((M, n_blocks, split_k), x, data, out, N, K, data.shape[1], blocks,
+                          BLOCK_N=block_n, SPLIT_K=split_k)
         return out
     block_k = 32 if interpreted else 128
     split_k, steps = _split(triton.cdiv(K, block_k), M * n_blocks, x.device)
     out = _output(M, N, split_k, x.device)
-    qgemv_kernel[(M, n_blocks, split_k)](x, data, scales, out, N, K, data.shape[1], n_groups, steps * block_k,
-                                        FMT=fmt, GROUP=qm.group_size, BLOCK_N=block_n, BLOCK_K=block_k,
-                                        SPLIT_K=split_k)
+    _launch_qgemv((M, n_blocks, split_k), x, data, scales, out, N, K, data.shape[1], n_groups, steps * block_k,
+                 FMT=fmt, GROUP=qm.group_size, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k)
     return out
 
 
@@ -276,7 +280,6 @@ def matmul(x, qm):
     split_k, steps = _split(triton.cdiv(K, block_k), tiles, x.device)
     out = _output(M, N, split_k, x.device)
     grid = (triton.cdiv(M, block_m), triton.cdiv(N, block_n), split_k)
-    qgemm_kernel[grid](x, data, scales, out, M, N, K, data.shape[1], n_groups, steps * block_k,
-                       FMT=fmt, GROUP=qm.group_size, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-                       SPLIT_K=split_k)
+    _launch_qgemm(grid, x, data, scales, out, M, N, K, data.shape[1], n_groups, steps * block_k,
+                 FMT=fmt, GROUP=qm.group_size, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k)
     return out

@@ -15,9 +15,16 @@ import triton
 import triton.language as tl
 
 from .._backend import triton_interpreted, warn_once
-from . import reference
+from .._triton_launch import LaunchCache
+from . import cpu
 
 METRIC_CODES = {"ip": 0, "cosine": 1, "l2": 2}
+# A program keeps its queries' best K_PAD keys in registers. Compiled for an H100
+# (tests/sm90_checks.py), k = 256 already spills (255 registers and 584 bytes of local memory a
+# thread at one query a program, 6.5 KB at 16), k = 512 with 16 queries a program needs 270 KB of
+# shared memory (the H100 has 227 KB) and fails, and the first call's compile grows past a
+# minute. Larger k is searched on the host (the C scan), with a warning.
+MAX_K = 256
 IP, COSINE, L2 = (tl.constexpr(code) for code in range(3))   # a jit function reads only constexpr globals
 # The key of score -inf with id 0: every finite score's key is above it. Excluded and
 # out-of-range entries get this key and come out as padding.
@@ -91,6 +98,9 @@ def _partial_topk_kernel(q_ptr, q_sq_ptr, q_sum_ptr, x_ptr, scale_ptr, bias_ptr,
     tl.store(bad_ptr + pid_q * n_splits + split, tl.max(tl.max(bad, axis=1), axis=0))
 
 
+_launch_partial_topk = LaunchCache(_partial_topk_kernel)
+
+
 def _exclusion_bitmap(exclude, B, N, device):
     """(B, ceil(N/64)) int64 words, bit (id & 63) of word id >> 6 set for each excluded id."""
     indptr, ids = (torch.from_numpy(a).to(device) for a in exclude)
@@ -106,9 +116,13 @@ def _exclusion_bitmap(exclude, B, N, device):
 def topk(queries, corpus, k, metric, exclude):
     """queries float torch (B, d); corpus a RowTable; exclude None or host int64 (indptr, ids)."""
     device = queries.device
-    if corpus.dtype == "int4":
-        warn_once("topk-triton-int4", "topk has no Triton kernel for int4 rows: they are searched on the host")
-        scores, ids = reference.topk(queries.float().cpu().numpy(), corpus.numpy(), k, metric, exclude)
+    if corpus.dtype == "int4" or k > MAX_K:
+        if corpus.dtype == "int4":
+            warn_once("topk-triton-int4", "topk has no Triton kernel for int4 rows: they are searched on the host")
+        else:
+            warn_once("topk-triton-k", f"topk's Triton kernel keeps at most k = {MAX_K} candidates a query: "
+                      f"larger k is searched on the host")
+        scores, ids = cpu.topk(queries.float().cpu().numpy(), corpus, k, metric, exclude)
         return torch.from_numpy(scores).to(device), torch.from_numpy(ids).to(device)
     if corpus.kind == "numpy" or corpus.device != device:
         corpus = corpus.to(device)
@@ -136,8 +150,8 @@ def topk(queries, corpus, k, metric, exclude):
     scale = corpus.scale if quantized else q_sq
     bias = corpus.bias if quantized else q_sq
     if B > 0:
-        _partial_topk_kernel[(n_qblocks, n_splits)](
-            queries, q_sq, q_sum, corpus.data, scale, bias, bitmap, candidates, bad,
+        _launch_partial_topk(
+            (n_qblocks, n_splits), queries, q_sq, q_sum, corpus.data, scale, bias, bitmap, candidates, bad,
             B, N, D, tiles_per_split, n_splits, words,
             METRIC=METRIC_CODES[metric], QUANTIZED=quantized, HAS_EXCLUDE=exclude is not None,
             BLOCK_Q=block_q, BLOCK_N=block_n, BLOCK_D=block_d, K_PAD=k_pad)
