@@ -17,6 +17,8 @@ reused for arguments that Triton would have compiled the same way; tests/sm90_ch
 this against Triton's own binder. The compiled kernel takes every argument of the kernel's
 signature in order, constexprs included, as Triton's own launch passes them (checked on Triton
 3.6.0, 3.7.1, 3.8.0 and 3.9.0); other versions launch through Triton's path, with a warning.
+Triton's per-call checks that the direct launch skips: its debug and instrumentation knobs are
+read at a key's first call only, and a kernel's globals are not compared again.
 """
 import threading
 
@@ -58,6 +60,7 @@ class LaunchCache:
             return
         self.autotuner = kernel if isinstance(kernel, Autotuner) else None
         jit = kernel.fn if self.autotuner else kernel
+        assert not jit.pre_run_hooks, "pre-run hooks must run on every call: use Triton's path"
         self.names = [param.name for param in jit.params]
         self.defaults = {param.name: param.default for param in jit.params if param.has_default}
         exact = {param.name for param in jit.params if param.is_constexpr}
@@ -77,7 +80,9 @@ class LaunchCache:
                 key.append(_int_key(value))
             elif isinstance(value, torch.Tensor):
                 key.append((value.dtype, value.data_ptr() % 16 == 0))
-            elif value is None or isinstance(value, (bool, float, str)):
+            elif isinstance(value, float):
+                key.append(float)   # Triton passes floats as fp32, unspecialized
+            elif value is None or isinstance(value, (bool, str)):
                 key.append(value)
             else:
                 raise TypeError(f"LaunchCache cannot key an argument of type {type(value).__name__}")
@@ -96,8 +101,14 @@ class LaunchCache:
         key = self.key(args, kwargs)
         entry = self.compiled.get(key)
         if entry is None:
+            # Values keyed exactly must be plain: a tensor there would key by identity and never repeat.
+            exact = [value for value, exact in zip(args, self.exact) if exact] + list(kwargs.values())
+            if not all(value is None or isinstance(value, (bool, int, float, str)) for value in exact):
+                raise TypeError("LaunchCache: constexpr, autotuning-key and keyword arguments must be "
+                                "None, bool, int, float or str")
             with self.lock:
                 compiled = self.kernel[grid](*args, **kwargs)
+                assert compiled is not None, "Triton returned no compiled kernel (a JIT cache hook?)"
                 chosen = self.autotuner.best_config.all_kwargs() if self.autotuner else {}
                 named = {**self.defaults, **kwargs, **chosen}
                 # The compiled kernel takes the rest of the signature after the positional arguments.

@@ -125,18 +125,39 @@ def as_described(launch):
     return function, grid, num_warps, tuple((a.dtype, a.shape) if isinstance(a, torch.Tensor) else a for a in args)
 
 
-def check_calls(name, calls, caches):
-    """Each call twice: the first launches through Triton (compiling), the second directly; both
-    must launch the same kernels with the same grids, options and arguments."""
+class CountingTritonPath:
+    """Stands in for a LaunchCache's kernel: counts the calls that go through Triton's own path."""
+
+    def __init__(self, kernel):
+        self.kernel, self.calls = kernel, 0
+
+    def __getitem__(self, grid):
+        self.calls += 1
+        return self.kernel[grid]
+
+
+def check_calls(calls, caches):
+    """Each call twice: the first launches through Triton (compiling), the second directly (no call
+    through Triton's path); both must launch the same kernels with the same grids, options and
+    arguments (tensors by dtype and shape: calls allocate their outputs afresh)."""
+    counters = []
+    for cache in caches:
+        cache.kernel = CountingTritonPath(cache.kernel)
+        counters.append(cache.kernel)
     for label, call in calls:
         before = len(launches)
         call()
         through_triton = launches[before:]
+        triton_calls = sum(counter.calls for counter in counters)
         call()
         direct = launches[before + len(through_triton):]
-        assert [as_described(x) for x in direct] == [as_described(x) for x in through_triton], (label, direct)
+        assert direct and sum(counter.calls for counter in counters) == triton_calls, f"{label}: not launched directly"
+        # (an autotuner's first call also launches every configuration it times: compare the final launches)
+        final = through_triton[len(through_triton) - len(direct):]
+        assert [as_described(x) for x in direct] == [as_described(x) for x in final], (label, direct, final)
         print(f"{label}: {len(through_triton)} launches, the direct ones alike")
-    assert all(cache.compiled for cache in caches), "a call did not take the direct launch"
+    for cache, counter in zip(caches, counters):
+        cache.kernel = counter.kernel
 
 
 def embedding_batches(rng):
@@ -167,6 +188,7 @@ def embedding_call(batch, rng, bags, pooling="sum", weighted=False, index_dtype=
 def report_compiled(name, constants, local_memory_allowed=False):
     """Registers and stack (local memory: spills) of every configuration compiled so far."""
     kernels = [k for k in compiled if k["name"] == name]
+    assert kernels, f"no {name} was compiled"
     print(f"{name}: {len(kernels)} kernels compiled for sm_90 ({', '.join(constants)}: warps, registers, stack)")
     for kernel in kernels:
         print("  " + " ".join(str(kernel["constants"].get(c)) for c in constants)
@@ -177,15 +199,15 @@ def report_compiled(name, constants, local_memory_allowed=False):
 
 def check_embedding():
     rng = np.random.default_rng(0)
+    calls = []
     for name, tables, options in embedding_batches(rng):
         batch = TableBatch(tables)
-        before = len(launches)
         for index_dtype in (torch.int64, torch.int32):
-            embedding_triton.lookup(batch, *embedding_call(batch, rng, 37, options.get("pooling", "sum"),
-                                                           options.get("weighted", False), index_dtype))
-        compiled = {launch[0] for launch in launches[before:]}
-        print(f"{name}: {len(launches) - before} launches, kernels {sorted(compiled)}")
-    assert embedding_triton._launch_lookup.compiled, "no call took the direct launch: LaunchCache.fast is off"
+            call = embedding_call(batch, rng, 37, options.get("pooling", "sum"), options.get("weighted", False),
+                                  index_dtype)
+            calls.append((f"{name}, {index_dtype}",
+                          lambda batch=batch, call=call: embedding_triton.lookup(batch, *call)))
+    check_calls(calls, [embedding_triton._launch_lookup])
     report_compiled("_lookup_kernel", ("DTYPE_FLAGS", "POOLING", "HAS_WEIGHTS", "BLOCK_L", "BLOCK_D"))
 
     # A direct launch passes the compiled kernel exactly what Triton's own launch passed.
@@ -197,11 +219,12 @@ def check_embedding():
             flags, 0, True, row_align, dim_multiple)
     grid = lambda config: (bags, triton.cdiv(max_dim, config["BLOCK_D"]))  # noqa: E731
     launch = LaunchCache(embedding_triton._lookup_kernel)
+    launch.kernel = counter = CountingTritonPath(launch.kernel)
     launch(grid, *args)
     through_triton = launches[-1]
     launch(grid, *args)
     direct = launches[-1]
-    assert len(launch.compiled) == 1
+    assert len(launch.compiled) == 1 and counter.calls == 1 and direct is not through_triton
     assert direct[:2] == through_triton[:2] and as_launched(direct[2]) == as_launched(through_triton[2]), \
         (direct, through_triton)
     print("direct launch == Triton's launch:", direct[0], direct[1], len(direct[2]), "arguments")
@@ -273,7 +296,7 @@ def check_topk():
                  (1, 1000, 64, 10, "ip", "fp32", False), (1, 1000, 3, 100, "cosine", "fp16", True),
                  (16, 1000, 64, 10, "l2", "int8", True), (16, 777, 1000, 100, "ip", "fp32", False),
                  (16, 1000, 48, topk_triton.MAX_K, "cosine", "int8", False)]]
-    check_calls("topk", calls, [topk_triton._launch_partial_topk])
+    check_calls(calls, [topk_triton._launch_partial_topk])
     # A query's best K_PAD keys live in registers: large k spills (topk_triton.MAX_K says how far it goes).
     report_compiled("_partial_topk_kernel", ("METRIC", "QUANTIZED", "HAS_EXCLUDE", "BLOCK_Q", "BLOCK_N", "BLOCK_D",
                                              "K_PAD"), local_memory_allowed=True)
@@ -281,6 +304,7 @@ def check_topk():
 
 def check_qmatmul():
     rng = np.random.default_rng(4)
+    qmatmul_triton._sm_count = lambda device: H100_PROPERTIES.multi_processor_count   # split K as on an H100
 
     def matrix(fmt, rows, in_features):
         if fmt in ("int8", "int4"):
@@ -296,7 +320,7 @@ def check_qmatmul():
         for M in (1, 16, 64):
             x = torch.randn(M, 512)
             calls.append((f"{fmt} M={M}", lambda x=x, qm=qm: qmatmul_triton.matmul(x, qm)))
-    check_calls("qmatmul", calls, [qmatmul_triton._launch_qgemv, qmatmul_triton._launch_qgemv_int4,
+    check_calls(calls, [qmatmul_triton._launch_qgemv, qmatmul_triton._launch_qgemv_int4,
                                    qmatmul_triton._launch_qgemv_q4_k, qmatmul_triton._launch_qgemm])
     for name in ("qgemv_kernel", "qgemv_int4_kernel", "qgemv_q4_k_kernel"):
         report_compiled(name, ("FMT", "BLOCK_N", "BLOCK_K", "BLOCK_B", "SPLIT_K"))

@@ -38,14 +38,14 @@ def _configs():
         return [triton.Config({"BLOCK_L": 8, "BLOCK_D": 32}, num_warps=1)]
     # BLOCK_L = 32 puts a whole typical bag's rows in flight at once; BLOCK_L = 8 with one warp
     # won for int8 rows on an H100 (bench/RESULTS.md, the configuration sweep): keep both.
-    # Tiles stop at 4096 elements: 32 x 256 spills registers on sm_90 for a batch of every dtype
-    # (255 registers a thread; tests/sm90_checks.py), and 32 x 512 needs 210 (one program an SM).
+    # Tiles stop at 4096 elements: 32 x 256 and 32 x 512 spill registers on sm_90 for a batch of
+    # every dtype (255 registers and 40-120 bytes of local memory a thread; tests/sm90_checks.py).
     return [triton.Config({"BLOCK_L": block_l, "BLOCK_D": block_d}, num_warps=max(1, min(8, block_l * block_d // 512)))
             for block_d in (32, 64, 128, 256, 512) for block_l in (8, 32) if block_l * block_d <= 4096]
 
 
 def _prune(configs, named_args, **kwargs):
-    """Only the tiles that cover D in one or two column blocks: 3 or 4 configs to time, not 8."""
+    """Only the tiles that cover D in one or two column blocks: 2 to 4 configs to time, not 8."""
     widest = max(32, min(512, triton.next_power_of_2(max(1, int(named_args["MAX_DIM"])))))
     return [c for c in configs if c.kwargs["BLOCK_D"] in (widest, widest // 2)] or configs
 

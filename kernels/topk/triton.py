@@ -20,10 +20,10 @@ from . import cpu
 
 METRIC_CODES = {"ip": 0, "cosine": 1, "l2": 2}
 # A program keeps its queries' best K_PAD keys in registers. Compiled for an H100
-# (tests/sm90_checks.py), k = 256 already spills (255 registers and 584 bytes of local memory a
-# thread at one query a program, 6.5 KB at 16), k = 512 with 16 queries a program needs 270 KB of
-# shared memory (the H100 has 227 KB) and fails, and the first call's compile grows past a
-# minute. Larger k is searched on the host (the C scan), with a warning.
+# (tests/sm90_checks.py), 16 queries a program spill from k = 10 (about 600 bytes of local memory a
+# thread up to k = 128) and k = 256 spills 6.5-8.4 KB a thread (not timed on a GPU); k = 512 needs
+# 270 KB of shared memory (an H100 has 227 KB) and fails, and its compile takes minutes. Larger k
+# is searched on the host (the C scan), with a warning.
 MAX_K = 256
 IP, COSINE, L2 = (tl.constexpr(code) for code in range(3))   # a jit function reads only constexpr globals
 # The key of score -inf with id 0: every finite score's key is above it. Excluded and
@@ -118,10 +118,11 @@ def topk(queries, corpus, k, metric, exclude):
     device = queries.device
     if corpus.dtype == "int4" or k > MAX_K:
         if corpus.dtype == "int4":
-            warn_once("topk-triton-int4", "topk has no Triton kernel for int4 rows: they are searched on the host")
+            warn_once("topk-triton-int4", "topk has no Triton kernel for int4 rows: they are searched on the host "
+                      "(a CUDA corpus is copied there on every call)")
         else:
             warn_once("topk-triton-k", f"topk's Triton kernel keeps at most k = {MAX_K} candidates a query: "
-                      f"larger k is searched on the host")
+                      f"larger k is searched on the host (a CUDA corpus is copied there on every call)")
         scores, ids = cpu.topk(queries.float().cpu().numpy(), corpus, k, metric, exclude)
         return torch.from_numpy(scores).to(device), torch.from_numpy(ids).to(device)
     if corpus.kind == "numpy" or corpus.device != device:
