@@ -175,6 +175,38 @@ def test_cpu_torch_tensors(rng):
     np.testing.assert_allclose(got.numpy(), want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("storage", ["numpy", "torch"])
+def test_embedding_bag_follows_a_row_table_whose_arrays_change(rng, storage):
+    """embedding_bag keeps a RowTable's one-table batch: rows written in place, arrays swapped for
+    others, and a tensor's storage swapped (`tensor.data = ...`) are all seen on the next call."""
+    wrap = torch.from_numpy if storage == "torch" else (lambda a: a)  # noqa: E731
+    values = [rng.standard_normal((40, 6)).astype(np.float32) for _ in range(3)]
+    table = RowTable("fp32", (40, 6), wrap(values[0].copy()))
+    indices, offsets = make_bags(rng, [40], 7, padding=0.0)
+    expected = lambda v: reference_lookup(v, indices, offsets)  # noqa: E731
+
+    def got():
+        out = embedding_bag(table, wrap(indices), wrap(offsets))
+        return out.numpy() if storage == "torch" else out
+
+    np.testing.assert_allclose(got(), expected(values[0]), rtol=1e-5, atol=1e-5)
+    first = table.single_batch[1]
+    table.data[:] = wrap(values[1])        # in place: the same batch, new rows
+    np.testing.assert_allclose(got(), expected(values[1]), rtol=1e-5, atol=1e-5)
+    assert table.single_batch[1] is first
+    table.data = wrap(values[2].copy())    # another array
+    np.testing.assert_allclose(got(), expected(values[2]), rtol=1e-5, atol=1e-5)
+    assert table.single_batch[1] is not first
+    if storage == "torch":
+        table.data.data = torch.from_numpy(values[0].copy())   # the same tensor, other storage
+        np.testing.assert_allclose(got(), expected(values[0]), rtol=1e-5, atol=1e-5)
+
+
+def reference_lookup(values, indices, offsets):
+    with use_backend("reference"):
+        return embedding_bag(values, indices, offsets)
+
+
 @pytest.mark.parametrize("dtype,limit", [("int8", 0.01), ("int4", 0.10)])
 def test_quantized_pooled_error_vs_float_table(rng, dtype, limit):
     weights = rng.standard_normal((5000, 64)).astype(np.float32)

@@ -20,7 +20,7 @@ class RowTable:
     All three are NumPy arrays, or torch tensors on one device.
     """
 
-    __slots__ = ("dtype", "shape", "data", "scale", "bias")
+    __slots__ = ("dtype", "shape", "data", "scale", "bias", "single_batch")
 
     def __init__(self, dtype, shape, data, scale=None, bias=None):
         self.dtype = dtype
@@ -28,6 +28,7 @@ class RowTable:
         self.data = data
         self.scale = scale
         self.bias = bias
+        self.single_batch = None   # embedding_bag's one-table TableBatch of these arrays (see there)
 
     @property
     def kind(self):
