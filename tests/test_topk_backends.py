@@ -510,6 +510,21 @@ def test_triton_searches_on_the_host_with_a_warning(rng, triton_device, monkeypa
         assert_close_topk(got, reference_topk(queries, corpus, k, metric, exclude), queries, corpus, metric, exclude)
 
 
+def test_triton_copies_a_strided_corpus_with_a_warning(rng, triton_device, monkeypatch):
+    """A fused int8 table (codes, scale and bias strided in one buffer) and a column slice of a
+    float tensor: the kernel reads rows at n * D, so strided rows are copied, announced once."""
+    from recscore.kernels import _backend
+    monkeypatch.setattr(_backend, "_warned", set())
+    table = quantize_rows(rng.standard_normal((60, 16), dtype=np.float32), "int8")
+    queries = rng.standard_normal((3, 16), dtype=np.float32)
+    with pytest.warns(RuntimeWarning, match="not contiguous"):
+        got = triton_topk(queries, table.fused(), 6, "l2", None, triton_device)
+    assert_close_topk(got, reference_topk(queries, table, 6, "l2"), queries, table, "l2")
+    wide = rng.standard_normal((60, 40)).astype(np.float32)
+    got = triton_topk(queries, torch.from_numpy(wide)[:, 8:24], 6, "ip", None, triton_device)
+    assert_close_topk(got, reference_topk(queries, wide[:, 8:24], 6, "ip"), queries, wide[:, 8:24], "ip")
+
+
 def test_cpu_warns_when_it_must_copy_a_strided_corpus(rng, monkeypatch):
     """A fused int8 table (strided codes) still gives the same answer, but the per-call copy is announced."""
     from recscore.kernels import _backend

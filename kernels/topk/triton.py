@@ -148,11 +148,17 @@ def topk(queries, corpus, k, metric, exclude):
     else:
         bitmap, words = _exclusion_bitmap(exclude, B, N, device)
     quantized = corpus.dtype == "int8"
-    scale = corpus.scale if quantized else q_sq
-    bias = corpus.bias if quantized else q_sq
+    # The kernel addresses row n at n * D (and scale, bias at n): strided rows are copied first.
+    rows = corpus.data
+    if not rows.is_contiguous():
+        warn_once("topk-triton-corpus-copy", "topk: the corpus rows are not contiguous (e.g. RowTable.fused()); "
+                                             "they are copied on every call")
+        rows = rows.contiguous()
+    scale = corpus.scale.contiguous() if quantized else q_sq
+    bias = corpus.bias.contiguous() if quantized else q_sq
     if B > 0:
         _launch_partial_topk(
-            (n_qblocks, n_splits), queries, q_sq, q_sum, corpus.data, scale, bias, bitmap, candidates, bad,
+            (n_qblocks, n_splits), queries, q_sq, q_sum, rows, scale, bias, bitmap, candidates, bad,
             B, N, D, tiles_per_split, n_splits, words,
             METRIC=METRIC_CODES[metric], QUANTIZED=quantized, HAS_EXCLUDE=exclude is not None,
             BLOCK_Q=block_q, BLOCK_N=block_n, BLOCK_D=block_d, K_PAD=k_pad)
