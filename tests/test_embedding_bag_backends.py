@@ -4,6 +4,7 @@ Bags are random with skewed sizes (most short, a few long), padding (-1) and emp
 the triton backend runs under TRITON_INTERPRET=1 on small shapes when there is no GPU.
 """
 import threading
+import warnings
 
 import numpy as np
 import pytest
@@ -200,6 +201,28 @@ def test_embedding_bag_follows_a_row_table_whose_arrays_change(rng, storage):
     if storage == "torch":
         table.data.data = torch.from_numpy(values[0].copy())   # the same tensor, other storage
         np.testing.assert_allclose(got(), expected(values[0]), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("storage", ["numpy", "torch"])
+def test_cpu_column_slice_is_read_in_place_and_a_transpose_copied_with_a_warning(rng, storage, monkeypatch):
+    from recscore.kernels import _backend
+    monkeypatch.setattr(_backend, "_warned", set())
+    wide = rng.standard_normal((50, 24)).astype(np.float32)
+    wrap = torch.from_numpy if storage == "torch" else (lambda a: a)  # noqa: E731
+    indices, offsets = make_bags(rng, [50], 9)
+    want = reference_lookup(np.ascontiguousarray(wide[:, 5:13]), indices, offsets)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")   # no copy, so no warning
+        batch = TableBatch([wrap(wide)[:, 5:13]])
+        with use_backend("cpu"):
+            got = batch.lookup(wrap(indices), wrap(offsets))
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
+    assert np.shares_memory(batch.prepared["cpu"][0][0], wide)
+    transposed = np.ascontiguousarray(wide[:, 5:13].T).T   # column-major
+    with pytest.warns(RuntimeWarning, match="not contiguous are copied on every call"):
+        with use_backend("cpu"):
+            got = embedding_bag(wrap(transposed), wrap(indices), wrap(offsets))
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
 
 
 def reference_lookup(values, indices, offsets):

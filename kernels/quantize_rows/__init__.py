@@ -106,16 +106,24 @@ def _fused_buffer(host):
 
 
 def as_row_table(table, name="table"):
-    """A RowTable as is, or a float (R, D) array of float32/float16/bfloat16 wrapped without a copy."""
+    """A RowTable as is, or a float (R, D) array of float32/float16/bfloat16 wrapped without a copy
+    when each row's elements are contiguous, at any row stride (a column slice `w[:, :d]`); any
+    other layout (a transpose, reversed rows) is copied, on every call, with a warning."""
     if isinstance(table, RowTable):
         return table
     check_array(name, table, 2, tuple(_FLOAT_TABLE_DTYPES))
     dtype = _FLOAT_TABLE_DTYPES[dtype_name(table)]
     if isinstance(table, np.ndarray):
-        data = np.ascontiguousarray(table)
+        row_stride, element_stride, element = table.strides[0], table.strides[1], table.itemsize
     else:
-        data = table.detach().contiguous()
-    return RowTable(dtype, table.shape, data)
+        row_stride, element_stride, element = table.stride(0), table.stride(1), 1
+        table = table.detach()
+    rows, dim = table.shape   # (an empty array's strides may be anything)
+    if rows and ((dim > 1 and element_stride != element) or (rows > 1 and row_stride < 0)):
+        warn_once(f"{name}-layout", f"{name}: rows whose elements are not contiguous are copied on every call; "
+                  f"pass a row-major array (or a RowTable) to avoid it")
+        table = np.ascontiguousarray(table) if isinstance(table, np.ndarray) else table.contiguous()
+    return RowTable(dtype, table.shape, table)
 
 
 
