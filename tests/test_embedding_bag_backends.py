@@ -379,6 +379,23 @@ def check_triton(device, tables, indices, offsets, **options):
     assert np.array_equal(indices_t.cpu().numpy(), indices) and np.array_equal(offsets_t.cpu().numpy(), offsets)
 
 
+@settings(max_examples=12, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), dims=st.lists(st.integers(1, 70), min_size=1, max_size=3),
+       dtypes=st.lists(st.sampled_from(ROW_DTYPES), min_size=3, max_size=3),
+       bags=st.integers(1, 6), pooling=st.sampled_from(POOLINGS), weighted=st.booleans())
+def test_triton_matches_reference_property(seed, dims, dtypes, bags, pooling, weighted):
+    """Random batches of mixed dtypes and D, skewed bags with padding and empty bags, out-of-range
+    indices skipped (small shapes: the interpreter runs this without a GPU)."""
+    rng = np.random.default_rng(seed)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    tables = [make_table(rng, int(rng.integers(1, 30)), dim, dtype) for dim, dtype in zip(dims, dtypes)]
+    indices, offsets = make_bags(rng, [t.shape[0] for t in tables], bags, max_len=12, out_of_range=0.1)
+    options = {"pooling": pooling, "bounds": "skip"}
+    if weighted and pooling == "sum":
+        options["per_sample_weights"] = rng.standard_normal(indices.shape[0]).astype(np.float32)
+    check_triton(device, tables, indices, offsets, **options)
+
+
 @pytest.mark.parametrize("dtype", ROW_DTYPES)
 def test_triton_every_option(rng, triton_device, dtype):
     tables = [make_table(rng, 40, 3, dtype), make_table(rng, 1, 16, dtype), make_table(rng, 60, 48, dtype)]
