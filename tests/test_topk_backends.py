@@ -495,19 +495,35 @@ def test_triton_edges(rng, triton_device):
         triton_topk(np.ones((1, 4), np.float32), bad, 2, "ip", None, triton_device)
 
 
-@pytest.mark.parametrize("dtype, k, warning", [("int4", 5, "no Triton kernel for int4 rows"),
-                                                ("fp32", 257, "at most k = 256"), ("int8", 400, "at most k = 256")])
-def test_triton_searches_on_the_host_with_a_warning(rng, triton_device, monkeypatch, dtype, k, warning):
-    """int4 rows and k past the kernel's register budget run the C scan, announced once."""
+@pytest.mark.parametrize("dtype, d, k, warning", [
+    ("int4", 24, 5, "no Triton kernel for int4 rows"), ("int4", 7, 500, "no Triton kernel for int4 rows"),
+    ("fp32", 24, 257, "at most k = 256"), ("int8", 24, 400, "at most k = 256"), ("bf16", 5, 300, "at most k = 256"),
+    ("fp16", 24, 257, "at most k = 256")])
+@pytest.mark.filterwarnings("ignore:topk's Triton kernel keeps at most")   # the exact-ties part, k = 300
+def test_triton_torch_path_for_int4_rows_and_large_k(rng, triton_device, monkeypatch, dtype, d, k, warning):
+    """int4 rows and k past the kernel's register budget are scored with torch matmuls, chunk by
+    chunk (here 7 rows a chunk for 3 queries, so the running best merges many chunks), announced once."""
     from recscore.kernels import _backend
+    from recscore.kernels.topk import triton as topk_triton
     monkeypatch.setattr(_backend, "_warned", set())
-    corpus = quantize_rows(rng.standard_normal((300, 24)).astype(np.float32), dtype)
-    queries = rng.standard_normal((3, 24)).astype(np.float32)
+    monkeypatch.setattr(topk_triton, "TORCH_CHUNK_ELEMENTS", 21)
+    corpus = quantize_rows(rng.standard_normal((300, d)).astype(np.float32), dtype)
+    queries = rng.standard_normal((3, d)).astype(np.float32)
     exclude = random_exclusions(rng, 3, 300, 20)
-    for metric in ("ip", "l2"):
+    for metric, ex in (("ip", exclude), ("l2", exclude), ("cosine", None)):
         with pytest.warns(RuntimeWarning, match=warning) if metric == "ip" else contextlib.nullcontext():
-            got = triton_topk(queries, corpus, k, metric, exclude, triton_device)
-        assert_close_topk(got, reference_topk(queries, corpus, k, metric, exclude), queries, corpus, metric, exclude)
+            got = triton_topk(queries, corpus, k, metric, ex, triton_device)
+        assert_close_topk(got, reference_topk(queries, corpus, k, metric, ex), queries, corpus, metric, ex)
+    integers = integer_data(rng, 150, 4, -2, 3)   # exact scores, many ties: ids must match exactly
+    for metric in ("ip", "l2"):
+        got = triton_topk(integers[:5], integers, 300, metric, exclude=None, device=triton_device)
+        want = reference_topk(integers[:5], integers, 300, metric)
+        np.testing.assert_array_equal(got[1], want[1])
+        np.testing.assert_array_equal(got[0], want[0])
+    bad = np.ones((40, 4), np.float32)
+    bad[33, 2] = np.inf
+    with pytest.raises(ValueError, match="corpus contains NaN or inf"):
+        triton_topk(np.ones((2, 4), np.float32), bad, 260, "ip", None, triton_device)
 
 
 def test_triton_copies_a_strided_corpus_with_a_warning(rng, triton_device, monkeypatch):

@@ -9,6 +9,8 @@ them into its running best K_PAD in registers (bitonic: max(best, reversed(candi
 then a sort). Stage 2: `torch.topk` over the splits' candidates of each query.
 Exclusions are a per-query bitmap (one bit per corpus row) built on the device.
 int8 rows are scored on their codes: scale * (codes . q) + bias * sum(q).
+int4 rows, and k past MAX_K, are scored with torch matmuls on the device instead, a chunk of
+rows at a time, into the same keys (with a warning: this path is not tuned).
 """
 import torch
 import triton
@@ -16,15 +18,15 @@ import triton.language as tl
 
 from .._backend import triton_interpreted, warn_once
 from .._triton_launch import LaunchCache
-from . import cpu
 
 METRIC_CODES = {"ip": 0, "cosine": 1, "l2": 2}
 # A program keeps its queries' best K_PAD keys in registers. Compiled for an H100
 # (tests/sm90_checks.py), 16 queries a program spill from k = 10 (about 600 bytes of local memory a
 # thread up to k = 128) and k = 256 spills 6.5-8.4 KB a thread (not timed on a GPU); k = 512 needs
 # 270 KB of shared memory (an H100 has 227 KB) and fails, and its compile takes minutes. Larger k
-# is searched on the host (the C scan), with a warning.
+# is scored with torch matmuls on the device, chunk by chunk, with a warning.
 MAX_K = 256
+TORCH_CHUNK_ELEMENTS = 1 << 22   # scores a chunk of the torch path (int4 rows, k > MAX_K): 48 MB of scores and keys
 IP, COSINE, L2 = (tl.constexpr(code) for code in range(3))   # a jit function reads only constexpr globals
 # The key of score -inf with id 0: every finite score's key is above it. Excluded and
 # out-of-range entries get this key and come out as padding.
@@ -113,23 +115,65 @@ def _exclusion_bitmap(exclude, B, N, device):
     return bitmap.view(B, words), words
 
 
+def _rows_as_float(corpus, start, stop):
+    """Rows [start, stop) of a device corpus as float32 (int8/int4 codes * scale + bias)."""
+    data = corpus.data[start:stop]
+    if corpus.dtype in ("fp32", "fp16", "bf16"):
+        return data.float()
+    if corpus.dtype == "int4":   # two codes a byte, low nibble first
+        data = torch.stack((data & 15, data >> 4), dim=2).reshape(stop - start, -1)[:, :corpus.shape[1]]
+    return data.float() * corpus.scale[start:stop, None] + corpus.bias[start:stop, None]
+
+
+def _keys_by_torch(queries, corpus, k, metric, bitmap):
+    """The best k keys a query, scored with torch matmuls on the device, TORCH_CHUNK_ELEMENTS
+    scores at a time, each chunk's best merged into the running best with torch.topk."""
+    B, N = queries.shape[0], corpus.shape[0]
+    q_sq = (queries * queries).sum(1, keepdim=True)
+    best = torch.full((B, k), FLOOR_KEY, dtype=torch.int64, device=queries.device)
+    chunk = max(1, TORCH_CHUNK_ELEMENTS // max(B, 1))
+    for start in range(0, N, chunk):
+        stop = min(N, start + chunk)
+        rows = _rows_as_float(corpus, start, stop)
+        dots = queries @ rows.T
+        if metric == "ip":
+            score = dots
+        elif metric == "cosine":
+            denom = torch.sqrt((rows * rows).sum(1))[None, :] * torch.sqrt(q_sq)
+            score = torch.where(denom > 0, dots / torch.where(denom > 0, denom, 1.0), 0.0)
+        else:   # l2, negated so that larger is better
+            score = -torch.clamp((rows * rows).sum(1)[None, :] - 2.0 * dots + q_sq, min=0.0)
+        score = score + 0.0   # -0.0 -> +0.0: one key per value
+        if not bool(torch.isfinite(score).all()):
+            raise ValueError("corpus contains NaN or inf (a score came out non-finite)")
+        ids = torch.arange(start, stop, device=queries.device)
+        bits = score.view(torch.int32)
+        order = bits ^ ((bits >> 31) & 0x7FFFFFFF)
+        keys = (order.to(torch.int64) << 32) | (4294967295 - ids)[None, :]
+        if bitmap is not None:
+            excluded = (bitmap[:, ids >> 6] >> (ids & 63)[None, :]) & 1
+            keys = torch.where(excluded == 1, FLOOR_KEY, keys)
+        best = torch.topk(torch.cat((best, keys), dim=1), k, dim=1).values
+    return best
+
+
 def topk(queries, corpus, k, metric, exclude):
     """queries float torch (B, d); corpus a RowTable; exclude None or host int64 (indptr, ids)."""
     device = queries.device
-    if corpus.dtype == "int4" or k > MAX_K:
-        if corpus.dtype == "int4":
-            warn_once("topk-triton-int4", "topk has no Triton kernel for int4 rows: they are searched on the host "
-                      "(a CUDA corpus is copied there on every call)")
-        else:
-            warn_once("topk-triton-k", f"topk's Triton kernel keeps at most k = {MAX_K} candidates a query: "
-                      f"larger k is searched on the host (a CUDA corpus is copied there on every call)")
-        scores, ids = cpu.topk(queries.float().cpu().numpy(), corpus, k, metric, exclude)
-        return torch.from_numpy(scores).to(device), torch.from_numpy(ids).to(device)
     if corpus.kind == "numpy" or corpus.device != device:
         corpus = corpus.to(device)
     B, D = queries.shape
     N = corpus.shape[0]
     queries = queries.to(torch.float32).contiguous()
+    if corpus.dtype == "int4" or k > MAX_K:
+        if corpus.dtype == "int4":
+            warn_once("topk-triton-int4", "topk has no Triton kernel for int4 rows: they are scored with torch "
+                      "matmuls on the device")
+        else:
+            warn_once("topk-triton-k", f"topk's Triton kernel keeps at most k = {MAX_K} candidates a query: "
+                      f"larger k is scored with torch matmuls on the device")
+        bitmap = None if exclude is None else _exclusion_bitmap(exclude, B, N, device)[0]
+        return _scores_and_ids(_keys_by_torch(queries, corpus, k, metric, bitmap), metric)
     q_sq = (queries * queries).sum(1)
     q_sum = queries.sum(1)
     k_pad = max(16, triton.next_power_of_2(k))
@@ -164,7 +208,11 @@ def topk(queries, corpus, k, metric, exclude):
             BLOCK_Q=block_q, BLOCK_N=block_n, BLOCK_D=block_d, K_PAD=k_pad)
         if bool(bad.any()):
             raise ValueError("corpus contains NaN or inf (a score came out non-finite)")
-    keys = torch.topk(candidates.view(B, n_splits * k_pad), k, dim=1).values
+    return _scores_and_ids(torch.topk(candidates.view(B, n_splits * k_pad), k, dim=1).values, metric)
+
+
+def _scores_and_ids(keys, metric):
+    """(scores, ids) from the best keys of each query; floor keys are padding (-1, -inf or +inf for l2)."""
     order = (keys >> 32).to(torch.int32)
     values = (order ^ ((order >> 31) & 0x7FFFFFFF)).view(torch.float32)
     ids = 4294967295 - (keys & 4294967295)
