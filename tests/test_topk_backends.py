@@ -528,7 +528,7 @@ def test_triton_torch_path_for_int4_rows_and_large_k(rng, triton_device, monkeyp
 
 def test_triton_copies_a_strided_corpus_with_a_warning(rng, triton_device, monkeypatch):
     """A fused int8 table (codes, scale and bias strided in one buffer) and a column slice of a
-    float tensor: the kernel reads rows at n * D, so strided rows are copied, announced once."""
+    float tensor: the kernel reads rows at n * D, so strided rows are copied, with a warning."""
     from recscore.kernels import _backend
     monkeypatch.setattr(_backend, "_warned", set())
     table = quantize_rows(rng.standard_normal((60, 16), dtype=np.float32), "int8")
@@ -536,8 +536,10 @@ def test_triton_copies_a_strided_corpus_with_a_warning(rng, triton_device, monke
     with pytest.warns(RuntimeWarning, match="not contiguous"):
         got = triton_topk(queries, table.fused(), 6, "l2", None, triton_device)
     assert_close_topk(got, reference_topk(queries, table, 6, "l2"), queries, table, "l2")
+    monkeypatch.setattr(_backend, "_warned", set())
     wide = rng.standard_normal((60, 40)).astype(np.float32)
-    got = triton_topk(queries, torch.from_numpy(wide)[:, 8:24], 6, "ip", None, triton_device)
+    with pytest.warns(RuntimeWarning, match="not contiguous"):   # sliced on the device: the kernel sees the stride
+        got = triton_topk(queries, torch.from_numpy(wide).to(triton_device)[:, 8:24], 6, "ip", None, triton_device)
     assert_close_topk(got, reference_topk(queries, wide[:, 8:24], 6, "ip"), queries, wide[:, 8:24], "ip")
 
 

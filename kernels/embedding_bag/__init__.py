@@ -3,9 +3,9 @@ import threading
 
 import numpy as np
 
-from .._backend import backend_module, choose_backend, is_tensor, like, to_numpy
+from .._backend import backend_module, choose_backend, like, to_numpy
 from .._validate import INDEX_DTYPES, check_array, check_bag_indices, check_choice, check_finite, check_offsets, check_same_device
-from ..quantize_rows import RowTable, as_row_table
+from ..quantize_rows import as_row_table
 
 POOLINGS = ("sum", "mean", "max")
 BOUNDS = ("error", "skip")
@@ -83,24 +83,7 @@ class TableBatch:
 
 def embedding_bag(table, indices, offsets, *, pooling="sum", per_sample_weights=None, bounds="error"):
     """Pooled lookup of bags of rows of one table: float32 (B, D), B = len(offsets) - 1."""
-    return _lookup(_single_batch(table), indices, offsets, pooling, per_sample_weights, bounds)
-
-
-def _single_batch(table):
-    """A one-table TableBatch. A RowTable keeps its own while it holds the same arrays, so that the
-    backends' prepared layouts are built once, not on every call (4 of a B = 1 call's 12 us);
-    an array given as a table is wrapped afresh each call."""
-    if not isinstance(table, RowTable):
-        return TableBatch([table])
-    # The same array objects, and for tensors the same storage (`tensor.data = ...` swaps it in place).
-    arrays = [(a, a.data_ptr() if is_tensor(a) else None) for a in (table.data, table.scale, table.bias)]
-    cached = table.single_batch
-    if cached is not None and all(a is b and p == q for (a, p), (b, q) in zip(cached[0], arrays)):
-        return cached[1]
-    batch = TableBatch([table])
-    table.single_batch = (arrays, batch)
-    return batch
-
+    return _lookup(TableBatch([table]), indices, offsets, pooling, per_sample_weights, bounds)
 
 
 def _lookup(batch, indices, offsets, pooling, per_sample_weights, bounds, with_flags=False):

@@ -21,7 +21,9 @@ int8/int4 scale and bias are read in place when they already sit side by side (F
 rows: codes, scale, bias in one buffer; a row then costs one memory access, measured 1.4x
 faster than codes + separate qparams); otherwise they are copied once per table into one (R, 2)
 array (kept while the table's scale array lives, since embedding_bag makes a new TableBatch
-per call), so a row's qparams cost one cache miss, not two (+8 bytes a row).
+per call), so a row's qparams cost one cache miss, not two (+8 bytes a row). That copy is kept
+per pair of scale and bias arrays: values written into them in place are not seen (give the
+table new scale and bias arrays instead).
 """
 import threading
 import weakref
@@ -32,19 +34,20 @@ import numpy as np
 from ...bindings import _embedding_bag
 from .._backend import warn_once
 from .._validate import check_bag_indices
+from ..quantize_rows import has_contiguous_rows
 
 DTYPE_CODES = {"fp32": 0, "fp16": 1, "bf16": 2, "int8": 3, "int4": 4}
 POOLING_CODES = {"sum": 0, "mean": 1, "max": 2}
 HAS_AVX512 = _embedding_bag.has_avx512()
 
 
-_side_by_side_qparams = {}  # id(table.scale) -> (R, 2) float32 [scale, bias]; dropped with table.scale
+_side_by_side_qparams = {}  # (id(scale), id(bias)) -> (R, 2) float32 [scale, bias]; dropped with either
 _side_by_side_lock = threading.Lock()
 
 
 def _qparams(table):
-    """An int8/int4 table's scale and bias side by side, one cache line a row; built once per table."""
-    key = id(table.scale)
+    """An int8/int4 table's scale and bias side by side, one cache line a row; built once per pair."""
+    key = (id(table.scale), id(table.bias))
     with _side_by_side_lock:
         qparams = _side_by_side_qparams.get(key)
     if qparams is None:
@@ -54,16 +57,16 @@ def _qparams(table):
         with _side_by_side_lock:
             if key not in _side_by_side_qparams:
                 _side_by_side_qparams[key] = qparams
+                # an id may be reused once its array is gone: the entry goes with the first of the two
                 weakref.finalize(table.scale, _side_by_side_qparams.pop, key, None)
+                weakref.finalize(table.bias, _side_by_side_qparams.pop, key, None)
             qparams = _side_by_side_qparams[key]
     return qparams
 
 
 def _rows_of(array):
-    """The table's storage as is when each row's elements are contiguous (any row stride >= 0), else a copy."""
-    if array.strides[1] == array.itemsize and array.strides[0] >= 0:
-        return array
-    return np.ascontiguousarray(array)
+    """The table's storage as is when its rows are contiguous (any row stride >= 0), else a copy."""
+    return array if has_contiguous_rows(array) else np.ascontiguousarray(array)
 
 
 def _prepare(batch):

@@ -176,7 +176,7 @@ def _prepare(batch):
             if first is None:
                 base = torch.zeros(1, dtype=torch.uint8, device=batch.tables[0].data.device)
             else:
-                base = first if first.stride(-1) == 1 else first.contiguous()
+                base = first if first.stride(-1) == 1 else first.clone(memory_format=torch.contiguous_format)
             base_address = base.data_ptr()
             rows_meta, buffers, column, flags, row_align, dim_multiple = [], [base], 0, 0, 16, 16
             for table in batch.tables:
@@ -186,7 +186,8 @@ def _prepare(batch):
                 if data is first:
                     data = base
                 elif data.stride(-1) != 1 and data.numel() > 0:
-                    data = data.contiguous()
+                    # (contiguous() would leave a (R, 1) column of stride R as it is)
+                    data = data.clone(memory_format=torch.contiguous_format)
                 code = DTYPE_CODES[table.dtype]
                 scale = bias = data
                 qparam_stride = 4

@@ -20,7 +20,7 @@ class RowTable:
     All three are NumPy arrays, or torch tensors on one device.
     """
 
-    __slots__ = ("dtype", "shape", "data", "scale", "bias", "single_batch")
+    __slots__ = ("dtype", "shape", "data", "scale", "bias")
 
     def __init__(self, dtype, shape, data, scale=None, bias=None):
         self.dtype = dtype
@@ -28,7 +28,6 @@ class RowTable:
         self.data = data
         self.scale = scale
         self.bias = bias
-        self.single_batch = None   # embedding_bag's one-table TableBatch of these arrays (see there)
 
     @property
     def kind(self):
@@ -105,26 +104,34 @@ def _fused_buffer(host):
     return buffer
 
 
+def has_contiguous_rows(array):
+    """Whether each row's elements sit side by side at a row stride >= 0, so that the kernels read the
+    rows in place at any row stride (a column slice `w[:, :d]`): a 2-D NumPy array or tensor.
+    A stride along a dimension of size 0 or 1 is never used, and may be anything."""
+    rows, dim = array.shape[0], array.shape[1]
+    if isinstance(array, np.ndarray):
+        row_stride, element_stride, element = array.strides[0], array.strides[1], array.itemsize
+    else:   # torch strides are never negative
+        row_stride, element_stride, element = array.stride(0), array.stride(1), 1
+    return rows == 0 or ((dim <= 1 or element_stride == element) and (rows == 1 or row_stride >= 0))
+
+
 def as_row_table(table, name="table"):
     """A RowTable as is, or a float (R, D) array of float32/float16/bfloat16 wrapped without a copy
-    when each row's elements are contiguous, at any row stride (a column slice `w[:, :d]`); any
-    other layout (a transpose, reversed rows) is copied, on every call, with a warning."""
+    when its rows are contiguous (has_contiguous_rows); any other layout (a transpose, reversed
+    rows) is copied, with a warning: on every call where the array is passed to embedding_bag or
+    topk, once where it builds a TableBatch."""
     if isinstance(table, RowTable):
         return table
     check_array(name, table, 2, tuple(_FLOAT_TABLE_DTYPES))
     dtype = _FLOAT_TABLE_DTYPES[dtype_name(table)]
-    if isinstance(table, np.ndarray):
-        row_stride, element_stride, element = table.strides[0], table.strides[1], table.itemsize
-    else:
-        row_stride, element_stride, element = table.stride(0), table.stride(1), 1
+    if not isinstance(table, np.ndarray):
         table = table.detach()
-    rows, dim = table.shape   # (an empty array's strides may be anything)
-    if rows and ((dim > 1 and element_stride != element) or (rows > 1 and row_stride < 0)):
-        warn_once(f"{name}-layout", f"{name}: rows whose elements are not contiguous are copied on every call; "
-                  f"pass a row-major array (or a RowTable) to avoid it")
+    if not has_contiguous_rows(table):
+        warn_once(f"{name}-layout", f"{name}: an array whose rows are not contiguous is copied (on every call, "
+                  f"if passed to embedding_bag or topk directly); pass a row-major array or a RowTable")
         table = np.ascontiguousarray(table) if isinstance(table, np.ndarray) else table.contiguous()
     return RowTable(dtype, table.shape, table)
-
 
 
 def quantize_rows(weights, dtype):

@@ -151,8 +151,8 @@ def topk(queries, corpus, k, metric, exclude, *, isa=BEST_ISA):
     counts = np.zeros((threads, B), np.int64)
     bad = np.zeros(threads, np.bool_)
     if not corpus.data.flags.c_contiguous:
-        warn_once("topk-corpus-copy", "topk: the corpus rows are not contiguous (e.g. RowTable.fused()); "
-                                      "the scan copies them on every call")
+        warn_once("topk-corpus-copy", "topk: the corpus rows are not contiguous (a column slice, "
+                                      "RowTable.fused()); the scan copies them on every call")
     rows = np.ascontiguousarray(corpus.data)
     rows = rows.view(np.uint16) if corpus.dtype in ("fp16", "bf16") else rows
     no_qparams = np.zeros(0, np.float32)

@@ -195,8 +195,8 @@ def topk(queries, corpus, k, metric, exclude):
     # The kernel addresses row n at n * D (and scale, bias at n): strided rows are copied first.
     rows = corpus.data
     if not rows.is_contiguous():
-        warn_once("topk-triton-corpus-copy", "topk: the corpus rows are not contiguous (e.g. RowTable.fused()); "
-                                             "they are copied on every call")
+        warn_once("topk-triton-corpus-copy", "topk: the corpus rows are not contiguous (a column slice, "
+                                             "RowTable.fused()); they are copied on every call")
         rows = rows.contiguous()
     scale = corpus.scale.contiguous() if quantized else q_sq
     bias = corpus.bias.contiguous() if quantized else q_sq
