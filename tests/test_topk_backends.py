@@ -502,7 +502,7 @@ def test_triton_edges(rng, triton_device):
 @pytest.mark.filterwarnings("ignore:topk's Triton kernel keeps at most")   # the exact-ties part, k = 300
 def test_triton_torch_path_for_int4_rows_and_large_k(rng, triton_device, monkeypatch, dtype, d, k, warning):
     """int4 rows and k past the kernel's register budget are scored with torch matmuls, chunk by
-    chunk (here 7 rows a chunk for 3 queries, so the running best merges many chunks), announced once."""
+    chunk (here 1-4 rows a chunk, so the running best merges many chunks), announced once."""
     from recscore.kernels import _backend
     from recscore.kernels.topk import triton as topk_triton
     monkeypatch.setattr(_backend, "_warned", set())

@@ -26,7 +26,9 @@ METRIC_CODES = {"ip": 0, "cosine": 1, "l2": 2}
 # 270 KB of shared memory (an H100 has 227 KB) and fails, and its compile takes minutes. Larger k
 # is scored with torch matmuls on the device, chunk by chunk, with a warning.
 MAX_K = 256
-TORCH_CHUNK_ELEMENTS = 1 << 22   # scores a chunk of the torch path (int4 rows, k > MAX_K): 48 MB of scores and keys
+# The torch path (int4 rows, k > MAX_K) scores rows in chunks of at most this many scores and
+# this many dequantized elements: each chunk's float rows, scores and keys stay under 64 MB.
+TORCH_CHUNK_ELEMENTS = 1 << 22
 IP, COSINE, L2 = (tl.constexpr(code) for code in range(3))   # a jit function reads only constexpr globals
 # The key of score -inf with id 0: every finite score's key is above it. Excluded and
 # out-of-range entries get this key and come out as padding.
@@ -126,12 +128,12 @@ def _rows_as_float(corpus, start, stop):
 
 
 def _keys_by_torch(queries, corpus, k, metric, bitmap):
-    """The best k keys a query, scored with torch matmuls on the device, TORCH_CHUNK_ELEMENTS
-    scores at a time, each chunk's best merged into the running best with torch.topk."""
+    """The best k keys a query, scored with torch matmuls on the device a chunk of rows at a time,
+    each chunk's best merged into the running best with torch.topk."""
     B, N = queries.shape[0], corpus.shape[0]
     q_sq = (queries * queries).sum(1, keepdim=True)
     best = torch.full((B, k), FLOOR_KEY, dtype=torch.int64, device=queries.device)
-    chunk = max(1, TORCH_CHUNK_ELEMENTS // max(B, 1))
+    chunk = max(1, TORCH_CHUNK_ELEMENTS // max(B, corpus.shape[1], 1))
     for start in range(0, N, chunk):
         stop = min(N, start + chunk)
         rows = _rows_as_float(corpus, start, stop)
