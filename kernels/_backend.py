@@ -158,7 +158,10 @@ def to_torch(x, device="cpu", bf16=False):
     import torch
     if is_tensor(x):
         return x.to(device)
-    t = torch.from_numpy(np.ascontiguousarray(x))
+    x = np.ascontiguousarray(x)
+    if any(stride < 0 for stride in x.strides):   # NumPy calls a (1, D) array with a negative stride contiguous
+        x = x.copy()
+    t = torch.from_numpy(x)
     if bf16:
         t = t.view(torch.bfloat16)
     return t.to(device)

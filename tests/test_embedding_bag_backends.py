@@ -3,6 +3,7 @@
 Bags are random with skewed sizes (most short, a few long), padding (-1) and empty bags;
 the triton backend runs under TRITON_INTERPRET=1 on small shapes when there is no GPU.
 """
+import gc
 import threading
 import warnings
 
@@ -234,6 +235,13 @@ def test_cpu_int8_table_given_new_scale_or_bias_arrays(rng):
         with use_backend("cpu"):
             got = embedding_bag(table, indices, offsets)
         np.testing.assert_allclose(got, run("reference", [table], indices, offsets), rtol=1e-5, atol=1e-5)
+    before = len(cpu._side_by_side_qparams), len(cpu._side_by_side_finalizers)
+    for _ in range(20):   # a long-lived bias beside short-lived scales: nothing piles up
+        table.scale = table.scale * np.float32(1.0)
+        with use_backend("cpu"):
+            embedding_bag(table, indices, offsets)
+    gc.collect()
+    assert (len(cpu._side_by_side_qparams), len(cpu._side_by_side_finalizers)) == before
 
 
 def reference_lookup(values, indices, offsets):

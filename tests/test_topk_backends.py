@@ -526,6 +526,40 @@ def test_triton_torch_path_for_int4_rows_and_large_k(rng, triton_device, monkeyp
         triton_topk(np.ones((2, 4), np.float32), bad, 260, "ip", None, triton_device)
 
 
+@pytest.mark.filterwarnings("ignore:topk's Triton kernel keeps at most", "ignore:topk has no Triton kernel for int4")
+def test_triton_torch_path_edges(rng, triton_device, monkeypatch):
+    """The torch path on B = 0, N = 0, D = 1, zero vectors under cosine, a fused int8 table, and
+    with TF32 matmuls allowed globally (its float64 products must not change)."""
+    from recscore.kernels.topk import triton as topk_triton
+    monkeypatch.setattr(topk_triton, "TORCH_CHUNK_ELEMENTS", 16)
+    corpus = integer_data(rng, 40, 1, -2, 3)
+    corpus[[3, 9]] = 0.0
+    queries = np.concatenate([integer_data(rng, 2, 1, -2, 3), np.zeros((1, 1), np.float32)])
+    for metric in ("ip", "l2", "cosine"):
+        got = triton_topk(queries, corpus, 300, metric, None, triton_device)
+        want = reference_topk(queries, corpus, 300, metric)
+        if metric == "cosine":
+            assert_close_topk(got, want, queries, corpus, metric)
+        else:
+            np.testing.assert_array_equal(got[1], want[1])
+            np.testing.assert_array_equal(got[0], want[0])
+    for queries, rows in ((np.zeros((0, 4), np.float32), 10), (np.ones((2, 4), np.float32), 0)):
+        table = quantize_rows(rng.standard_normal((rows, 4)).astype(np.float32), "int4")
+        scores, ids = triton_topk(queries, table, 3, "l2", None, triton_device)
+        assert scores.shape == ids.shape == (queries.shape[0], 3) and (ids == -1).all() and (scores == np.inf).all()
+    table = quantize_rows(rng.standard_normal((90, 12)).astype(np.float32), "int8")
+    queries = rng.standard_normal((4, 12)).astype(np.float32)
+    exclude = random_exclusions(rng, 4, 90, 30)
+    want = reference_topk(queries, table, 290, "ip", exclude)
+    previous = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        got = triton_topk(queries, table.fused(), 290, "ip", exclude, triton_device)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = previous
+    assert_close_topk(got, want, queries, table, "ip", exclude)
+
+
 def test_triton_copies_a_strided_corpus_with_a_warning(rng, triton_device, monkeypatch):
     """A fused int8 table (codes, scale and bias strided in one buffer) and a column slice of a
     float tensor: the kernel reads rows at n * D, so strided rows are copied, with a warning."""

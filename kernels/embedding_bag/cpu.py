@@ -32,7 +32,7 @@ import numba
 import numpy as np
 
 from ...bindings import _embedding_bag
-from .._backend import warn_once
+from .._backend import to_numpy, warn_once
 from .._validate import check_bag_indices
 from ..quantize_rows import has_contiguous_rows
 
@@ -42,24 +42,31 @@ HAS_AVX512 = _embedding_bag.has_avx512()
 
 
 _side_by_side_qparams = {}  # (id(scale), id(bias)) -> (R, 2) float32 [scale, bias]; dropped with either
+_side_by_side_finalizers = {}  # the same key -> the two weakref.finalize watching scale and bias
 _side_by_side_lock = threading.Lock()
+
+
+def _drop_qparams(key):
+    """When the scale or the bias array goes (its id may then be reused): forget the pair. Runs at
+    deallocation, perhaps inside a locked block of this thread: single dict operations only."""
+    _side_by_side_qparams.pop(key, None)
+    for finalizer in _side_by_side_finalizers.pop(key, ()):
+        finalizer.detach()
 
 
 def _qparams(table):
     """An int8/int4 table's scale and bias side by side, one cache line a row; built once per pair."""
-    key = (id(table.scale), id(table.bias))
-    with _side_by_side_lock:
-        qparams = _side_by_side_qparams.get(key)
+    scale, bias = table.scale, table.bias   # read once: another thread may swap them
+    key = (id(scale), id(bias))
+    qparams = _side_by_side_qparams.get(key)
     if qparams is None:
-        host = table.numpy()
         qparams = np.empty((table.shape[0], 2), np.float32)
-        qparams[:, 0], qparams[:, 1] = host.scale, host.bias
+        qparams[:, 0], qparams[:, 1] = to_numpy(scale), to_numpy(bias)
         with _side_by_side_lock:
             if key not in _side_by_side_qparams:
                 _side_by_side_qparams[key] = qparams
-                # an id may be reused once its array is gone: the entry goes with the first of the two
-                weakref.finalize(table.scale, _side_by_side_qparams.pop, key, None)
-                weakref.finalize(table.bias, _side_by_side_qparams.pop, key, None)
+                _side_by_side_finalizers[key] = (weakref.finalize(scale, _drop_qparams, key),
+                                                 weakref.finalize(bias, _drop_qparams, key))
             qparams = _side_by_side_qparams[key]
     return qparams
 

@@ -165,6 +165,16 @@ def _meta_on_device(rows_meta, device):
     return meta
 
 
+def _with_unit_column_stride(data):
+    """`data` whose last stride is 1, as the kernel's byte addressing needs: a view of a (R, 1) column
+    of any stride (torch calls it contiguous, and contiguous() leaves it as it is), else a copy."""
+    if data.stride(-1) == 1:
+        return data
+    if data.shape[-1] == 1:
+        return data.as_strided(data.shape, (data.stride(0), 1))
+    return data.contiguous()
+
+
 def _prepare(batch):
     """The per-table `meta` rows (offsets from the first table's storage), built once per batch."""
     with batch.lock:
@@ -176,7 +186,7 @@ def _prepare(batch):
             if first is None:
                 base = torch.zeros(1, dtype=torch.uint8, device=batch.tables[0].data.device)
             else:
-                base = first if first.stride(-1) == 1 else first.clone(memory_format=torch.contiguous_format)
+                base = _with_unit_column_stride(first)
             base_address = base.data_ptr()
             rows_meta, buffers, column, flags, row_align, dim_multiple = [], [base], 0, 0, 16, 16
             for table in batch.tables:
@@ -185,9 +195,8 @@ def _prepare(batch):
                 data = table.data
                 if data is first:
                     data = base
-                elif data.stride(-1) != 1 and data.numel() > 0:
-                    # (contiguous() would leave a (R, 1) column of stride R as it is)
-                    data = data.clone(memory_format=torch.contiguous_format)
+                elif data.numel() > 0:
+                    data = _with_unit_column_stride(data)
                 code = DTYPE_CODES[table.dtype]
                 scale = bias = data
                 qparam_stride = 4

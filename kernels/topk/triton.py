@@ -27,7 +27,7 @@ METRIC_CODES = {"ip": 0, "cosine": 1, "l2": 2}
 # is scored with torch matmuls on the device, chunk by chunk, with a warning.
 MAX_K = 256
 # The torch path (int4 rows, k > MAX_K) scores rows in chunks of at most this many scores and
-# this many dequantized elements: each chunk's float rows, scores and keys stay under 64 MB.
+# this many dequantized elements (a chunk's temporaries: a few hundred MB at most).
 TORCH_CHUNK_ELEMENTS = 1 << 22
 IP, COSINE, L2 = (tl.constexpr(code) for code in range(3))   # a jit function reads only constexpr globals
 # The key of score -inf with id 0: every finite score's key is above it. Excluded and
@@ -127,17 +127,27 @@ def _rows_as_float(corpus, start, stop):
     return data.float() * corpus.scale[start:stop, None] + corpus.bias[start:stop, None]
 
 
-def _keys_by_torch(queries, corpus, k, metric, bitmap):
+def _keys_by_torch(queries, corpus, k, metric, exclude):
     """The best k keys a query, scored with torch matmuls on the device a chunk of rows at a time,
-    each chunk's best merged into the running best with torch.topk."""
+    each chunk's best merged into the running best with torch.topk. Dot products run in float64:
+    float32 matmuls follow torch's global TF32 setting, which would reorder near-ties."""
     B, N = queries.shape[0], corpus.shape[0]
-    q_sq = (queries * queries).sum(1, keepdim=True)
-    best = torch.full((B, k), FLOOR_KEY, dtype=torch.int64, device=queries.device)
+    device = queries.device
+    kept = min(k, N)   # past N every slot is padding
+    best = torch.full((B, kept), FLOOR_KEY, dtype=torch.int64, device=device)
+    queries64 = queries.double()
+    q_sq = (queries64 * queries64).sum(1, keepdim=True)
     chunk = max(1, TORCH_CHUNK_ELEMENTS // max(B, corpus.shape[1], 1))
-    for start in range(0, N, chunk):
+    if exclude is not None:   # (query, id) pairs sorted by id: a chunk's exclusions are one slice
+        indptr, excluded_ids = (torch.from_numpy(a).to(device) for a in exclude)
+        excluded_ids, order = torch.sort(excluded_ids)
+        excluded_queries = torch.repeat_interleave(torch.arange(B, device=device), indptr[1:] - indptr[:-1])[order]
+        bounds = torch.searchsorted(excluded_ids, torch.arange(0, N + chunk, chunk, device=device)).tolist()
+    non_finite = torch.zeros((), dtype=torch.bool, device=device)
+    for n, start in enumerate(range(0, N, chunk)):
         stop = min(N, start + chunk)
-        rows = _rows_as_float(corpus, start, stop)
-        dots = queries @ rows.T
+        rows = _rows_as_float(corpus, start, stop).double()
+        dots = queries64 @ rows.T
         if metric == "ip":
             score = dots
         elif metric == "cosine":
@@ -145,18 +155,20 @@ def _keys_by_torch(queries, corpus, k, metric, bitmap):
             score = torch.where(denom > 0, dots / torch.where(denom > 0, denom, 1.0), 0.0)
         else:   # l2, negated so that larger is better
             score = -torch.clamp((rows * rows).sum(1)[None, :] - 2.0 * dots + q_sq, min=0.0)
-        score = score + 0.0   # -0.0 -> +0.0: one key per value
-        if not bool(torch.isfinite(score).all()):
-            raise ValueError("corpus contains NaN or inf (a score came out non-finite)")
-        ids = torch.arange(start, stop, device=queries.device)
+        score = score.float() + 0.0   # -0.0 -> +0.0: one key per value
+        non_finite |= ~torch.isfinite(score).all()
+        ids = torch.arange(start, stop, device=device)
         bits = score.view(torch.int32)
-        order = bits ^ ((bits >> 31) & 0x7FFFFFFF)
-        keys = (order.to(torch.int64) << 32) | (4294967295 - ids)[None, :]
-        if bitmap is not None:
-            excluded = (bitmap[:, ids >> 6] >> (ids & 63)[None, :]) & 1
-            keys = torch.where(excluded == 1, FLOOR_KEY, keys)
-        best = torch.topk(torch.cat((best, keys), dim=1), k, dim=1).values
-    return best
+        key_order = bits ^ ((bits >> 31) & 0x7FFFFFFF)
+        keys = (key_order.to(torch.int64) << 32) | (4294967295 - ids)[None, :]
+        if exclude is not None:
+            lo, hi = bounds[n], bounds[n + 1]
+            keys[excluded_queries[lo:hi], excluded_ids[lo:hi] - start] = FLOOR_KEY
+        best = torch.topk(torch.cat((best, keys), dim=1), kept, dim=1).values
+    if bool(non_finite):   # one wait for the GPU, after the last chunk
+        raise ValueError("corpus contains NaN or inf (a score came out non-finite)")
+    padding = torch.full((B, k - kept), FLOOR_KEY, dtype=torch.int64, device=device)
+    return torch.cat((best, padding), dim=1)
 
 
 def topk(queries, corpus, k, metric, exclude):
@@ -174,8 +186,7 @@ def topk(queries, corpus, k, metric, exclude):
         else:
             warn_once("topk-triton-k", f"topk's Triton kernel keeps at most k = {MAX_K} candidates a query: "
                       f"larger k is scored with torch matmuls on the device")
-        bitmap = None if exclude is None else _exclusion_bitmap(exclude, B, N, device)[0]
-        return _scores_and_ids(_keys_by_torch(queries, corpus, k, metric, bitmap), metric)
+        return _scores_and_ids(_keys_by_torch(queries, corpus, k, metric, exclude), metric)
     q_sq = (queries * queries).sum(1)
     q_sum = queries.sum(1)
     k_pad = max(16, triton.next_power_of_2(k))
