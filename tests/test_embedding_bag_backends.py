@@ -179,8 +179,9 @@ def test_cpu_torch_tensors(rng):
 
 @pytest.mark.parametrize("storage", ["numpy", "torch"])
 def test_embedding_bag_follows_a_row_table_whose_arrays_change(rng, storage):
-    """Rows written in place, arrays swapped for others, and a tensor's storage swapped
-    (`tensor.data = ...`) are all seen on the next call."""
+    """Rows of a float table written in place, arrays swapped for others, and a tensor's storage
+    swapped (`tensor.data = ...`) are all seen on the next call (an int8/int4 table's qparams: see
+    test_cpu_int8_table_given_new_scale_or_bias_arrays)."""
     wrap = torch.from_numpy if storage == "torch" else (lambda a: a)  # noqa: E731
     values = [rng.standard_normal((40, 6)).astype(np.float32) for _ in range(3)]
     table = RowTable("fp32", (40, 6), wrap(values[0].copy()))
