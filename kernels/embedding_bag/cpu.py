@@ -19,11 +19,10 @@ R, D, row strides, output column), built once per batch into `batch.prepared`, s
 mix of dtypes and widths run in the same parallel loop. Rows are read in place (any row stride).
 int8/int4 scale and bias are read in place when they already sit side by side (FBGEMM's fused
 rows: codes, scale, bias in one buffer; a row then costs one memory access, measured 1.4x
-faster than codes + separate qparams); otherwise they are copied once per table into one (R, 2)
-array (kept while the table's scale array lives, since embedding_bag makes a new TableBatch
-per call), so a row's qparams cost one cache miss, not two (+8 bytes a row). That copy is kept
-per pair of scale and bias arrays: values written into them in place are not seen (give the
-table new scale and bias arrays instead).
+faster than codes + separate qparams); otherwise they are copied once into one (R, 2) array,
+kept per pair of scale and bias arrays while both live (embedding_bag makes a new TableBatch
+per call), so a row's qparams cost one cache miss, not two (+8 bytes a row). Values written
+into those arrays in place are therefore not seen: give the table new scale and bias arrays.
 """
 import threading
 import weakref
