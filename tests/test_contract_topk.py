@@ -144,9 +144,12 @@ def test_topk_bad_input(call, error, message):
             call(queries, corpus)
 
 
-def test_nan_in_corpus_is_reported():
+@pytest.mark.parametrize("metric", ["ip", "l2", "cosine"])
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_nan_in_corpus_is_reported(metric, bad):
+    """Every metric, cosine included (where a NaN row must not pass as a zero vector scored 0)."""
     corpus = np.ones((6, 3), np.float32)
-    corpus[4, 1] = np.nan
+    corpus[4, 1] = bad
     for backend in ("reference", "cpu"):
         with use_backend(backend), pytest.raises(ValueError, match="corpus contains NaN"):
-            topk(np.ones((1, 3), np.float32), corpus, 2)
+            topk(np.ones((1, 3), np.float32), corpus, 2, metric=metric)

@@ -491,8 +491,10 @@ def test_triton_edges(rng, triton_device):
     assert scores.shape == (0, 3)
     bad = np.ones((40, 4), np.float32)
     bad[7, 1] = np.nan
-    with pytest.raises(ValueError, match="corpus contains NaN or inf"):
-        triton_topk(np.ones((1, 4), np.float32), bad, 2, "ip", None, triton_device)
+    for metric in ("ip", "l2", "cosine"):   # cosine too: a NaN row is not a zero vector scored 0
+        for queries in (np.ones((1, 4), np.float32), np.ones((20, 4), np.float32)):
+            with pytest.raises(ValueError, match="corpus contains NaN or inf"):
+                triton_topk(queries, bad, 2, metric, None, triton_device)
 
 
 @pytest.mark.parametrize("dtype, d, k, warning", [
@@ -522,8 +524,9 @@ def test_triton_torch_path_for_int4_rows_and_large_k(rng, triton_device, monkeyp
         np.testing.assert_array_equal(got[0], want[0])
     bad = np.ones((40, 4), np.float32)
     bad[33, 2] = np.inf
-    with pytest.raises(ValueError, match="corpus contains NaN or inf"):
-        triton_topk(np.ones((2, 4), np.float32), bad, 260, "ip", None, triton_device)
+    for metric in ("ip", "l2", "cosine"):
+        with pytest.raises(ValueError, match="corpus contains NaN or inf"):
+            triton_topk(np.ones((2, 4), np.float32), bad, 260, metric, None, triton_device)
 
 
 @pytest.mark.filterwarnings("ignore:topk's Triton kernel keeps at most", "ignore:topk has no Triton kernel for int4")

@@ -19,7 +19,9 @@ def score_block(q, block, metric):
     q_norm = np.sqrt(q @ q)
     dots = block @ q
     denom = norms * q_norm
-    return np.where(denom > 0, dots / np.where(denom > 0, denom, 1.0), 0.0)
+    with np.errstate(invalid="ignore"):   # inf / inf: the row is reported below
+        scores = np.where(denom > 0, dots / np.where(denom > 0, denom, 1.0), 0.0)
+    return np.where(np.isfinite(norms), scores, np.nan)   # a NaN or inf row is reported, not scored as a zero vector
 
 
 def topk(queries, corpus, k, metric, exclude):

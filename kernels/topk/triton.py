@@ -85,6 +85,9 @@ def _partial_topk_kernel(q_ptr, q_sq_ptr, q_sum_ptr, x_ptr, scale_ptr, bias_ptr,
             score = tl.where(denom > 0, dots / tl.where(denom > 0, denom, 1.0), 0.0)
         else:  # l2, negated so that larger is better
             score = -tl.maximum(x_sq[None, :] - 2.0 * dots + q_sq[:, None], 0.0)
+        if METRIC != IP:  # the where and the maximum above would turn a NaN or inf row into a score: report it
+            finite = (tl.abs(x_sq)[None, :] < float("inf")) & (tl.abs(dots) < float("inf"))
+            score = tl.where(finite, score, float("nan"))
         score = score + 0.0  # -0.0 -> +0.0: one key per value
         valid = q_ok[:, None] & n_ok[None, :]
         bad |= (valid & ((score != score) | (tl.abs(score) == float("inf")))).to(tl.int32)
@@ -151,8 +154,10 @@ def _keys_by_torch(queries, corpus, k, metric, exclude):
         if metric == "ip":
             score = dots
         elif metric == "cosine":
-            denom = torch.sqrt((rows * rows).sum(1))[None, :] * torch.sqrt(q_sq)
+            row_sq = (rows * rows).sum(1)[None, :]
+            denom = torch.sqrt(row_sq) * torch.sqrt(q_sq)
             score = torch.where(denom > 0, dots / torch.where(denom > 0, denom, 1.0), 0.0)
+            score = torch.where(torch.isfinite(row_sq), score, float("nan"))   # as the kernel: report, not 0
         else:   # l2, negated so that larger is better
             score = -torch.clamp((rows * rows).sum(1)[None, :] - 2.0 * dots + q_sq, min=0.0)
         score = score.float() + 0.0   # -0.0 -> +0.0: one key per value
