@@ -1,7 +1,10 @@
 """Build script: maps the source folders onto the `recscore` package and compiles the Cython bindings."""
+import os
+
 import numpy as np
 from Cython.Build import cythonize
 from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
 
 NUMPY_API = [("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")]
 
@@ -25,7 +28,19 @@ extensions = [
     c_kernels("_topk_scan"),
 ]
 
+
+
+class ParallelBuildExt(build_ext):
+    """Compiles the extensions side by side (one compiler a core) unless --parallel says otherwise."""
+
+    def finalize_options(self):
+        super().finalize_options()
+        if self.parallel is None:
+            self.parallel = os.cpu_count()
+
+
 setup(
+    cmdclass={"build_ext": ParallelBuildExt},
     packages=[
         "recscore",
         "recscore.bindings",
@@ -44,5 +59,5 @@ setup(
         "recscore.kernels.topk": "kernels/topk",
         "recscore.kernels.qmatmul": "kernels/qmatmul",
     },
-    ext_modules=cythonize(extensions, language_level=3, compiler_directives={"boundscheck": False, "wraparound": False}),
+    ext_modules=cythonize(extensions, nthreads=os.cpu_count() or 1, language_level=3, compiler_directives={"boundscheck": False, "wraparound": False}),
 )
