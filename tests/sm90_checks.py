@@ -40,18 +40,27 @@ compiled = []    # one entry per kernel loaded: name, constexprs, num_warps, reg
 
 
 def cubin_resources(cubin):
+    """Registers, stack bytes, and the local-memory loads and stores inside loops (spill traffic a
+    program pays on every iteration; a loop runs from a backward branch's target to the branch)."""
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
         text = subprocess.run([CUOBJDUMP, "--dump-resource-usage", f.name], capture_output=True, text=True,
                               check=True).stdout
-    return int(re.search(r"REG:(\d+)", text).group(1)), int(re.search(r"STACK:(\d+)", text).group(1))
+        sass = subprocess.run([CUOBJDUMP, "--dump-sass", f.name], capture_output=True, text=True, check=True).stdout
+    instructions = re.findall(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", sass)
+    addresses = [int(address, 16) for address, _ in instructions]
+    loops = [(int(target, 16), address) for address, (_, instruction) in zip(addresses, instructions)
+             for target in re.findall(r"BRA 0x([0-9a-f]+)", instruction) if int(target, 16) < address]
+    in_loops = sum(1 for address, (_, instruction) in zip(addresses, instructions)
+                   if re.search(r"\b(LDL|STL)\b", instruction) and any(start <= address <= end for start, end in loops))
+    return (int(re.search(r"REG:(\d+)", text).group(1)), int(re.search(r"STACK:(\d+)", text).group(1)), in_loops)
 
 
 class Utils:
     def load_binary(self, name, cubin, shared, device):
-        registers, stack = cubin_resources(cubin)
-        compiled[-1].update(registers=registers, stack=stack)
+        registers, stack, spills_in_loops = cubin_resources(cubin)
+        compiled[-1].update(registers=registers, stack=stack, spills_in_loops=spills_in_loops)
         return name, name, registers, stack, 1024   # module, function, n_regs, n_spills (stack), max threads
 
     def get_device_properties(self, device):
@@ -186,14 +195,17 @@ def embedding_call(batch, rng, bags, pooling="sum", weighted=False, index_dtype=
 
 
 def report_compiled(name, constants, local_memory_allowed=False):
-    """Registers and stack (local memory: spills) of every configuration compiled so far."""
+    """Registers and stack (local memory: spills) of every configuration compiled so far; unless
+    allowed, no configuration may touch local memory inside a loop (a value saved before the bag
+    loop and restored after it costs a program two stores and two loads, once)."""
     kernels = [k for k in compiled if k["name"] == name]
     assert kernels, f"no {name} was compiled"
     print(f"{name}: {len(kernels)} kernels compiled for sm_90 ({', '.join(constants)}: warps, registers, stack)")
     for kernel in kernels:
         print("  " + " ".join(str(kernel["constants"].get(c)) for c in constants)
-              + f": {kernel['num_warps']} warps, {kernel['registers']} registers, {kernel['stack']} bytes of stack")
-    spilled = [kernel for kernel in kernels if kernel["stack"]]
+              + f": {kernel['num_warps']} warps, {kernel['registers']} registers, {kernel['stack']} bytes of stack, "
+              f"{kernel['spills_in_loops']} local loads/stores in loops")
+    spilled = [kernel for kernel in kernels if kernel["spills_in_loops"]]
     assert local_memory_allowed or not spilled, f"{name} spills registers on sm_90: {spilled}"
 
 

@@ -36,18 +36,33 @@ META_COLUMNS = tl.constexpr(9)
 def _configs():
     if triton_interpreted():  # the interpreter cannot time configs: one small tile
         return [triton.Config({"BLOCK_L": 8, "BLOCK_D": 32}, num_warps=1)]
-    # BLOCK_L = 32 puts a whole typical bag's rows in flight at once; BLOCK_L = 8 with one warp
-    # won for int8 rows on an H100 (bench/RESULTS.md, the configuration sweep): keep both.
-    # Tiles stop at 4096 elements: 32 x 256 and 32 x 512 spill registers on sm_90 for a batch of
-    # every dtype (255 registers and 40-120 bytes of local memory a thread; tests/sm90_checks.py).
-    return [triton.Config({"BLOCK_L": block_l, "BLOCK_D": block_d}, num_warps=max(1, min(8, block_l * block_d // 512)))
-            for block_d in (32, 64, 128, 256, 512) for block_l in (8, 32) if block_l * block_d <= 4096]
+    # BLOCK_L = 32 puts a whole typical bag's rows in flight at once. Tiles stop at 4096 elements
+    # (32 x 256 and up needed 222-255 registers a thread on sm_90: few programs an SM).
+    tiles = [(block_l, block_d, max(1, min(8, block_l * block_d // 512)))
+             for block_d in (32, 64, 128, 256, 512) for block_l in (8, 32) if block_l * block_d <= 4096]
+    # A 32-row tile in one warp keeps the most rows in flight an SM where its registers allow (D <= 64):
+    # on an H100 a bare gather of 64-byte rows reads 30 G rows/s at 32 rows a program and 12.6 G at 8,
+    # and int8 lookups at B = 16384 went from 53 us to 30 (bench/RESULTS.md, the configuration sweep).
+    tiles += [(32, block_d, 1) for block_d in (32, 64)]
+    return [triton.Config({"BLOCK_L": block_l, "BLOCK_D": block_d}, num_warps=warps) for block_l, block_d, warps in tiles]
 
 
 def _prune(configs, named_args, **kwargs):
-    """Only the tiles that cover D in one or two column blocks: 2 to 4 configs to time, not 8."""
+    """Only the tiles that cover D in one column block, or for D > 64 also two (more programs when
+    bags are few): 2 to 5 configs to time, not 10. At D <= 64 the half-width tiles lost every case
+    of the H100 configuration sweep, yet the autotuner's timing of a 10 us call picked one."""
     widest = max(32, min(512, triton.next_power_of_2(max(1, int(named_args["MAX_DIM"])))))
-    return [c for c in configs if c.kwargs["BLOCK_D"] in (widest, widest // 2)] or configs
+    widths = (widest,) if widest <= 64 else (widest, widest // 2)
+    return [c for c in configs if c.kwargs["BLOCK_D"] in widths] or configs
+
+
+@triton.jit
+def _pool(acc, values, tile_mask, weight, POOLING: tl.constexpr):
+    """acc (BLOCK_D,) pooled with a (BLOCK_L, BLOCK_D) tile of dequantized rows: max, or the weighted sum."""
+    if POOLING == 2:
+        return tl.maximum(acc, tl.max(tl.where(tile_mask, values, float("-inf")), axis=0))
+    # Masked-off rows load as 0 and weigh 0; masked-off columns are never stored.
+    return acc + tl.sum(values * weight[:, None], axis=0)
 
 
 @triton.autotune(configs=_configs(), key=["MAX_DIM", "DTYPE_FLAGS", "POOLING", "DIM_MULTIPLE"],
@@ -104,40 +119,44 @@ def _lookup_kernel(base_ptr, meta_ptr, indices_ptr, offsets_ptr, weights_ptr, ou
         row_start = data_offset + index * row_bytes
         row_start = tl.multiple_of(row_start, ROW_ALIGN)
         row = base_ptr + row_start  # (BLOCK_L,) byte pointers to the rows, then typed per dtype
-        values = tl.zeros([BLOCK_L, BLOCK_D], tl.float32)
+        if HAS_WEIGHTS:
+            weight = tl.load(weights_ptr + position, mask=in_bag, other=0.0)
+            bad_weights += tl.sum(((weight != weight) | (tl.abs(weight) == float("inf"))).to(tl.int32), axis=0)
+            weight = tl.where(valid, weight, 0.0)
+        else:
+            weight = valid.to(tl.float32)
+        # Each dtype pools its own tile into `acc`: a tile assigned in branches and pooled after them
+        # would be live across the branches whole, as float32 (219 registers at 32 x 64 int8, one warp).
         if FP32_BIT & DTYPE_FLAGS:
             if dtype == FP32:
                 values = tl.load(row.to(tl.pointer_type(tl.float32))[:, None] + d[None, :], mask=tile_mask, other=0.0)
+                acc = _pool(acc, values, tile_mask, weight, POOLING)
         if FP16_BIT & DTYPE_FLAGS:
             if dtype == FP16:
-                values = tl.load(row.to(tl.pointer_type(tl.float16))[:, None] + d[None, :], mask=tile_mask,
-                                 other=0.0).to(tl.float32)
+                values = tl.load(row.to(tl.pointer_type(tl.float16))[:, None] + d[None, :], mask=tile_mask, other=0.0)
+                acc = _pool(acc, values.to(tl.float32), tile_mask, weight, POOLING)
         if BF16_BIT & DTYPE_FLAGS:
             if dtype == BF16:
                 values = tl.load(row.to(tl.pointer_type(tl.bfloat16))[:, None] + d[None, :], mask=tile_mask,
-                                 other=0.0).to(tl.float32)
+                                 other=0.0)
+                acc = _pool(acc, values.to(tl.float32), tile_mask, weight, POOLING)
         if QUANTIZED_BITS & DTYPE_FLAGS:
             if dtype >= INT8:
                 scale = tl.load((base_ptr + scale_offset + index * qparam_stride).to(tl.pointer_type(tl.float32)),
                                 mask=valid, other=0.0)
                 bias = tl.load((base_ptr + bias_offset + index * qparam_stride).to(tl.pointer_type(tl.float32)),
                                mask=valid, other=0.0)
-                if dtype == INT8:
-                    codes = tl.load(row[:, None] + d[None, :], mask=tile_mask, other=0)
-                else:  # two codes a byte, low nibble first
-                    packed = tl.load(row[:, None] + d[None, :] // 2, mask=tile_mask, other=0)
-                    codes = (packed >> ((d[None, :] % 2) * 4).to(tl.uint8)) & 15
-                values = codes.to(tl.float32) * scale[:, None] + bias[:, None]
-        if POOLING == 2:
-            acc = tl.maximum(acc, tl.max(tl.where(tile_mask, values, float("-inf")), axis=0))
-        else:
-            if HAS_WEIGHTS:
-                weight = tl.load(weights_ptr + position, mask=in_bag, other=0.0)
-                bad_weights += tl.sum(((weight != weight) | (tl.abs(weight) == float("inf"))).to(tl.int32), axis=0)
-                weight = tl.where(valid, weight, 0.0)
-            else:
-                weight = valid.to(tl.float32)
-            acc += tl.sum(tl.where(tile_mask, values * weight[:, None], 0.0), axis=0)
+                if INT8_BIT & DTYPE_FLAGS:
+                    if dtype == INT8:
+                        codes = tl.load(row[:, None] + d[None, :], mask=tile_mask, other=0)
+                        acc = _pool(acc, codes.to(tl.float32) * scale[:, None] + bias[:, None], tile_mask, weight,
+                                    POOLING)
+                if INT4_BIT & DTYPE_FLAGS:
+                    if dtype == INT4:  # two codes a byte, low nibble first
+                        packed = tl.load(row[:, None] + d[None, :] // 2, mask=tile_mask, other=0)
+                        codes = (packed >> ((d[None, :] % 2) * 4).to(tl.uint8)) & 15
+                        acc = _pool(acc, codes.to(tl.float32) * scale[:, None] + bias[:, None], tile_mask, weight,
+                                    POOLING)
     if POOLING == 1:
         acc = acc / tl.maximum(count, 1).to(tl.float32)
     acc = tl.where(count > 0, acc, 0.0)  # an empty (or all-padding) bag gives zeros
