@@ -8,12 +8,13 @@ import numpy as np
 import torch
 import triton
 
-from bench.protocol import cuda_graph_of, quantize_in_slices
+from bench.protocol import graph_time_us, quantize_in_slices
 from recscore.kernels import RowTable, TableBatch
 from recscore.kernels.embedding_bag import triton as lookup_triton
 
 DIM, POOLING_FACTOR, N_SETS = 64, 32, 8
-CONFIGS = [(8, 64, 1), (16, 64, 2), (32, 64, 4), (32, 64, 2), (32, 32, 2), (64, 64, 4), (64, 64, 8)]  # BLOCK_L, BLOCK_D, warps
+CONFIGS = [(8, 64, 1), (16, 64, 1), (32, 64, 1), (32, 32, 1), (16, 64, 2), (32, 64, 4), (32, 64, 2), (32, 32, 2), (64, 64, 2),
+           (64, 64, 4)]  # BLOCK_L, BLOCK_D, warps
 
 
 def tables(rows):
@@ -24,23 +25,10 @@ def tables(rows):
             "int8": int8.to("cuda"), "int8 fused": int8.fused().to("cuda")}
 
 
-def graph_time_us(run):
-    replay = cuda_graph_of(run, N_SETS)
-    times = []
-    for _ in range(20):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / N_SETS)
-    return sorted(times)[len(times) // 2]
-
-
 def main():
     rows = (2_000_000 >> 18) << 18
     stored = tables(rows)
-    print("| B | rows | BLOCK_L | BLOCK_D | warps | us per call |\n|---:|---|---:|---:|---:|---:|")
+    print("| B | rows | BLOCK_L | BLOCK_D | warps | registers | us per call |\n|---:|---|---:|---:|---:|---:|---:|")
     for B in (2048, 16384):
         index_sets = [torch.randint(0, rows, (B * POOLING_FACTOR,), device="cuda") for _ in range(N_SETS)]
         offsets = torch.arange(0, B * POOLING_FACTOR + 1, POOLING_FACTOR, device="cuda")
@@ -50,11 +38,13 @@ def main():
             errors = torch.zeros(3, dtype=torch.int32, device="cuda")
             for block_l, block_d, warps in CONFIGS:
                 def run(i):
-                    lookup_triton._lookup_kernel.fn[(B, triton.cdiv(DIM, block_d))](
+                    return lookup_triton._lookup_kernel.fn[(B, triton.cdiv(DIM, block_d))](
                         base, meta, index_sets[i], offsets, out, out, errors, B, total_dim, index_sets[i].shape[0], B,
                         max_dim, flags, 0, False, row_align, dim_multiple, BLOCK_L=block_l, BLOCK_D=block_d,
                         num_warps=warps)
-                print(f"| {B} | {name} | {block_l} | {block_d} | {warps} | {graph_time_us(run):.1f} |", flush=True)
+                registers = run(0).n_regs
+                print(f"| {B} | {name} | {block_l} | {block_d} | {warps} | {registers} | {graph_time_us(run, N_SETS):.1f} |",
+                      flush=True)
 
 
 if __name__ == "__main__":

@@ -111,6 +111,22 @@ def cuda_graph_of(run, n_sets):
     return lambda i=0: graph.replay()
 
 
+def graph_time_us(run, n_sets, repeats=20):
+    """The GPU's time per call of run(0) .. run(n_sets - 1) in microseconds: the median of `repeats`
+    event-timed replays of their CUDA graph (cuda_graph_of), divided by n_sets."""
+    import torch
+    replay = cuda_graph_of(run, n_sets)
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3 / n_sets)
+    return statistics.median(times)
+
+
 def device_copy_gbps(n_bytes=1 << 30, repeats=20):
     """The GPU's copy ceiling in this run: bytes read plus written per second by a device-to-device
     copy of n_bytes, median of `repeats` event-timed copies."""
