@@ -10,12 +10,12 @@ Large shape: R = 2M, D = 64, B = 2048, L = 32, sum, 8 rotated index sets (unifor
 - int8 / int4 rows: ours vs our own fp32 lookup of the same logical table (target int8 2.5x);
   "int8 fused" stores the int8 table in FBGEMM's layout (RowTable.fused()), one 72-byte row.
 - "lookup_with_flags" rows time the lookup that does not read the kernel's error flags (the
-  public call's one wait for the GPU): against embedding_bag, what that wait costs at this size;
-  against torch (which never waits: a bad index is a device-side assert), the host-side launch
-  paths alone.
-- "device time" rows replay CUDA graphs of 8 lookup_with_flags calls (one per index set) against
-  graphs of 8 torch calls: the GPU's own time, without Python or launch gaps; the GB/s target is
-  read off these rows.
+  public call's one wait for the GPU), setting them in one persistent buffer (flags=, FBGEMM's
+  warning counter): against embedding_bag, what that wait costs at this size; against torch
+  (which never waits: a bad index is a device-side assert), the host-side launch paths alone.
+- "device time" rows replay CUDA graphs of 8 such calls (one per index set) against graphs of 8
+  torch calls: the GPU's own time, without Python or launch gaps; the GB/s target is read off
+  these rows. One fp32 row gives each call new zeroed flags instead (a fill kernel a call).
 DLRM-like: 26 tables (R 1k..4M, D 64/128, L 1..40), TableBatch.lookup (one launch) vs one
 F.embedding_bag per table + torch.cat (no target on the GPU).
 """
@@ -61,9 +61,10 @@ def large_cases(rng, rows, dim, pooling_factor):
                          bytes_per_call=row_reads * dim * elem, device=DEVICE,
                          note="GB/s target: 80% of the device copy")
     batches = {dtype: TableBatch([tables[dtype]]) for dtype in ("fp32", "int8", "int8 fused")}
+    flags = {dtype: torch.zeros(3, dtype=torch.int32, device=DEVICE) for dtype in batches}
 
     def no_wait(dtype):
-        return lambda i: batches[dtype].lookup_with_flags(index_sets[i], offsets)
+        return lambda i: batches[dtype].lookup_with_flags(index_sets[i], offsets, flags=flags[dtype])
 
     yield Comparison(f"{shape} fp32, lookup_with_flags", "recscore triton fp32, TableBatch.lookup_with_flags",
                      "recscore triton fp32 (embedding_bag)", no_wait("fp32"), ours_of(tables["fp32"]),
@@ -77,6 +78,10 @@ def large_cases(rng, rows, dim, pooling_factor):
     yield Comparison(f"{shape} fp32, {graph}", "recscore triton fp32 kernel", "torch.nn.EmbeddingBag cuda fp32",
                      kernel["fp32"], torch_fp32, n_sets=1, target=1.5, bytes_per_call=N_SETS * row_reads * dim * 4,
                      device=DEVICE, note="GB/s target: 80% of the device copy")
+    new_flags = cuda_graph_of(lambda i: batches["fp32"].lookup_with_flags(index_sets[i], offsets), N_SETS)
+    yield Comparison(f"{shape} fp32, {graph}, new flags a call", "recscore triton fp32 kernel + flag fill",
+                     "torch.nn.EmbeddingBag cuda fp32", new_flags, torch_fp32, n_sets=1,
+                     bytes_per_call=N_SETS * row_reads * dim * 4, device=DEVICE)
     for dtype in ("int8", "int8 fused"):
         yield Comparison(f"{shape} {dtype} rows, {graph}", f"recscore triton {dtype} kernel", "recscore triton fp32 kernel",
                          kernel[dtype], kernel["fp32"], n_sets=1, target=2.5,
@@ -86,7 +91,8 @@ def large_cases(rng, rows, dim, pooling_factor):
     big_b = 8 * B
     big_sets = [torch.randint(0, rows, (big_b * pooling_factor,), device=DEVICE) for _ in range(N_SETS)]
     big_offsets = torch.arange(0, big_b * pooling_factor + 1, pooling_factor, device=DEVICE)
-    big = {dtype: cuda_graph_of(lambda i, d=dtype: batches[d].lookup_with_flags(big_sets[i], big_offsets), N_SETS)
+    big = {dtype: cuda_graph_of(lambda i, d=dtype: batches[d].lookup_with_flags(big_sets[i], big_offsets,
+                                                                             flags=flags[d]), N_SETS)
            for dtype in ("fp32", "int8", "int8 fused")}
     big_torch = cuda_graph_of(lambda i: F.embedding_bag(big_sets[i], tables["fp32"].data, big_offsets, mode="sum",
                                                         include_last_offset=True), N_SETS)

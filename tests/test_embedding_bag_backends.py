@@ -477,6 +477,90 @@ def test_triton_lookup_with_flags(rng, triton_device):
         TableBatch(tables).lookup_with_flags(indices, offsets)
 
 
+def test_triton_lookup_with_persistent_flags(rng, triton_device):
+    """flags=: the call sets its flags in the caller's buffer and returns it, clearing none
+    (FBGEMM's warning counter); a bad buffer is refused, naming the argument."""
+    tables = [make_table(rng, 20, 3, "fp32"), make_table(rng, 10, 8, "int4")]
+    batch = TableBatch([t.to(triton_device) for t in tables])
+    indices, offsets = make_bags(rng, [20, 10], 4, max_len=5)
+    bad_index = indices.copy()
+    bad_index[0] = 77
+    flags = torch.zeros(3, dtype=torch.int32, device=triton_device)
+    on_device = lambda a: torch.from_numpy(a).to(triton_device)  # noqa: E731
+    with use_backend("triton"):
+        out, returned = batch.lookup_with_flags(on_device(indices), on_device(offsets), flags=flags)
+        assert returned is flags and flags.tolist() == [0, 0, 0]
+        with use_backend("reference"):
+            want = TableBatch(tables).lookup(indices, offsets)
+        np.testing.assert_allclose(out.cpu().numpy(), want, rtol=1e-5, atol=1e-5)
+        batch.lookup_with_flags(on_device(bad_index), on_device(offsets), flags=flags)
+        assert flags.tolist() == [0, 1, 0]
+        batch.lookup_with_flags(on_device(indices), on_device(offsets), flags=flags)
+        assert flags.tolist() == [0, 1, 0], "a clean call must not clear an earlier call's flag"
+        int32 = dict(dtype=torch.int32, device=triton_device)
+        bad_flags = [(flags.to(torch.int64), TypeError, "flags must have dtype"),
+                     (torch.zeros(4, **int32), ValueError, "flags must be a contiguous int32"),
+                     (torch.zeros(6, **int32)[::2], ValueError, "flags must be a contiguous"),
+                     (np.zeros(3, np.int32), TypeError, "flags must be a torch.Tensor"),
+                     ([0, 0, 0], TypeError, "flags must be a NumPy array or a torch.Tensor")]
+        if torch.device(triton_device).type == "cuda":
+            bad_flags.append((torch.zeros(3, dtype=torch.int32), ValueError, "flags is on the host"))
+        for bad, error, match in bad_flags:
+            with pytest.raises(error, match=match):
+                batch.lookup_with_flags(on_device(indices), on_device(offsets), flags=bad)
+
+
+def test_triton_lookup_flag_buffer_is_clean_after_errors_and_per_thread(rng, triton_device):
+    """`lookup` reuses one flag buffer a thread: after a raised error, or an index skipped with
+    bounds="skip", the next call starts clean; threads calling at once see only their own errors."""
+    from recscore.kernels.embedding_bag import triton as triton_lookup
+    tables = [make_table(rng, 30, 4, "fp32"), make_table(rng, 25, 16, "int8")]
+    batch = TableBatch([t.to(triton_device) for t in tables])
+    indices, offsets = make_bags(rng, [30, 25], 3, max_len=4)
+    bad_index = indices.copy()
+    bad_index[-1] = 99
+    with use_backend("reference"):
+        want = TableBatch(tables).lookup(indices, offsets)
+    on_device = lambda a: torch.from_numpy(a).to(triton_device)  # noqa: E731
+
+    def call(idx, **options):
+        with use_backend("triton"):
+            return batch.lookup(on_device(idx), on_device(offsets), **options).cpu().numpy()
+
+    with pytest.raises(IndexError):
+        call(bad_index)
+    assert triton_lookup.thread_flags(batch).tolist() == [0, 0, 0]
+    call(bad_index, bounds="skip")
+    np.testing.assert_allclose(call(indices), want, rtol=1e-5, atol=1e-5)
+    assert triton_lookup.thread_flags(batch).tolist() == [0, 0, 0]
+
+    failures = []
+
+    def worker(bad):
+        try:
+            for _ in range(3):
+                if bad:
+                    with pytest.raises(IndexError):
+                        call(bad_index)
+                else:
+                    np.testing.assert_allclose(call(indices), want, rtol=1e-5, atol=1e-5)
+        except BaseException as error:  # noqa: BLE001  (reported below, with the thread's role)
+            failures.append((bad, error))
+
+    threads = [threading.Thread(target=worker, args=(i % 2 == 0,)) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not failures, failures
+    mine = triton_lookup.thread_flags(batch)
+    other = []
+    thread = threading.Thread(target=lambda: other.append(triton_lookup.thread_flags(batch)))
+    thread.start()
+    thread.join()
+    assert triton_lookup.thread_flags(batch) is mine and other[0] is not mine
+
+
 def test_triton_reads_fused_rows_in_place(rng, triton_device, monkeypatch):
     """FBGEMM-layout int8/int4 tables (RowTable.fused()) move to torch as one buffer and the
     kernel reads codes, scale and bias from the one row; rows whose bytes are not a multiple of 4

@@ -63,7 +63,7 @@ class TableBatch:
         """
         return _lookup(self, indices, offsets, pooling, per_sample_weights, bounds)
 
-    def lookup_with_flags(self, indices, offsets, *, pooling="sum", per_sample_weights=None):
+    def lookup_with_flags(self, indices, offsets, *, pooling="sum", per_sample_weights=None, flags=None):
         """`lookup` on CUDA tensors without waiting for the GPU, so that CUDA graphs can capture it
         (FBGEMM's bounds-check "warning" mode): returns (out, flags), flags int32 (3,) on the device.
 
@@ -74,8 +74,14 @@ class TableBatch:
         With nothing to launch (no bags, or tables of D = 0) the checks run on the host instead.
         The first call for a new set of tables copies their layout to the device (a wait): make
         it before capturing a graph.
+
+        flags: None (each call returns new zeroed flags), or a contiguous int32 (3,) tensor on the
+        tables' device that the call sets its flags in and returns, clearing none (FBGEMM's
+        persistent bounds-check warning counter): no allocation and no zero fill a call, so a
+        lookup is one kernel (in a graph of B = 2048 lookups on an H100 the fill took 1.3 of 10.8 us
+        a call). The caller zeroes it after reading a set flag.
         """
-        return _lookup(self, indices, offsets, pooling, per_sample_weights, "skip", with_flags=True)
+        return _lookup(self, indices, offsets, pooling, per_sample_weights, "skip", with_flags=True, flags=flags)
 
     def __repr__(self):
         return f"TableBatch(num_tables={self.num_tables}, dims={self.dims}, nbytes={self.nbytes})"
@@ -86,7 +92,7 @@ def embedding_bag(table, indices, offsets, *, pooling="sum", per_sample_weights=
     return _lookup(TableBatch([table]), indices, offsets, pooling, per_sample_weights, bounds)
 
 
-def _lookup(batch, indices, offsets, pooling, per_sample_weights, bounds, with_flags=False):
+def _lookup(batch, indices, offsets, pooling, per_sample_weights, bounds, with_flags=False, flags=None):
     check_choice("pooling", pooling, POOLINGS)
     check_choice("bounds", bounds, BOUNDS)
     kind = check_array("indices", indices, 1, INDEX_DTYPES)
@@ -106,6 +112,12 @@ def _lookup(batch, indices, offsets, pooling, per_sample_weights, bounds, with_f
         if per_sample_weights.shape[0] != indices.shape[0]:
             raise ValueError(f"per_sample_weights must have the length of indices ({indices.shape[0]}), "
                              f"got {per_sample_weights.shape[0]}")
+    if flags is not None:
+        if check_array("flags", flags, 1, ("int32",)) == "numpy":
+            raise TypeError("flags must be a torch.Tensor on the tables' device, got a NumPy array")
+        check_same_device("flags", flags, kind, device)
+        if flags.shape[0] != 3 or not flags.is_contiguous():
+            raise ValueError(f"flags must be a contiguous int32 tensor of 3 elements, got shape {tuple(flags.shape)}")
     backend = choose_backend(kind)
     if with_flags and backend != "triton":
         raise ValueError(f"lookup_with_flags runs the Triton kernel on CUDA tensors; got {kind} inputs "
@@ -117,10 +129,15 @@ def _lookup(batch, indices, offsets, pooling, per_sample_weights, bounds, with_f
         indices, offsets = indices.contiguous(), offsets.contiguous()   # copies only strided views
         if per_sample_weights is not None:
             per_sample_weights = per_sample_weights.contiguous()
-        out, flags = backend_module(__name__, "triton").lookup(batch, indices, offsets, B, pooling, per_sample_weights)
+        triton_lookup = backend_module(__name__, "triton")
+        if not with_flags:   # read back below, before this thread's next call
+            flags = triton_lookup.thread_flags(batch)
+        out, flags = triton_lookup.lookup(batch, indices, offsets, B, pooling, per_sample_weights, flags)
         if with_flags:
             return out, flags
         bad_offsets, bad_index, bad_weight = flags.tolist()
+        if bad_offsets or bad_index or bad_weight:
+            flags.zero_()
         if bad_offsets or bad_weight or (bad_index and bounds == "error"):
             offsets_host = check_offsets("offsets", offsets, indices.shape[0], T * B)
             if per_sample_weights is not None:

@@ -168,6 +168,7 @@ def _lookup_kernel(base_ptr, meta_ptr, indices_ptr, offsets_ptr, weights_ptr, ou
 _launch_lookup = LaunchCache(_lookup_kernel)
 _meta_cache = {}
 _meta_cache_lock = threading.Lock()
+_thread_flag_buffers = threading.local()
 META_CACHE_SIZE = 4096
 
 
@@ -240,11 +241,23 @@ def _prepare(batch):
     return prepared
 
 
-def lookup(batch, indices, offsets, bags_per_table, pooling, per_sample_weights):
+def thread_flags(batch):
+    """A zeroed int32 (3,) error-flag buffer on the batch's device for the calling thread's
+    `lookup` calls, which read it back before returning and zero it if a flag was set: calls of
+    one thread never overlap, so one buffer serves them all, with no allocation or zero fill a call."""
+    device = _prepare(batch)[1].device
+    buffers = _thread_flag_buffers.__dict__.setdefault("by_device", {})
+    if device not in buffers:
+        buffers[device] = torch.zeros(3, dtype=torch.int32, device=device)
+    return buffers[device]
+
+
+def lookup(batch, indices, offsets, bags_per_table, pooling, per_sample_weights, errors=None):
     """Same contract as reference.lookup, on torch tensors: float32 (B, sum of D_t) on their device,
     and int32 errors[3] on the device: errors[0] != 0 if `offsets` is malformed, errors[1] != 0 if
     an index lies outside [-1, R_t) (such an index is skipped, as with bounds="skip"), errors[2] != 0
-    if a per-sample weight is NaN or inf.
+    if a per-sample weight is NaN or inf. `errors`: the buffer to set them in (none is cleared), or
+    None for a new zeroed one.
 
     Nothing here waits for the GPU: the caller reads `errors` (one sync) and raises.
     """
@@ -255,7 +268,8 @@ def lookup(batch, indices, offsets, bags_per_table, pooling, per_sample_weights)
     n_segments = batch.num_tables * bags_per_table
     assert n_segments > 0 and total_dim > 0, "the caller checks offsets on the host when there is nothing to launch"
     out = torch.empty((bags_per_table, total_dim), dtype=torch.float32, device=base.device)
-    errors = torch.zeros(3, dtype=torch.int32, device=base.device)
+    if errors is None:
+        errors = torch.zeros(3, dtype=torch.int32, device=base.device)
     weights = per_sample_weights if per_sample_weights is not None else out
     grid = lambda config: (n_segments, -(-max_dim // config["BLOCK_D"]))  # noqa: E731  (triton.cdiv costs 2 us in 3.9)
     _launch_lookup(grid, base, meta, indices, offsets, weights, out, errors, bags_per_table, total_dim,
