@@ -561,6 +561,46 @@ def test_triton_lookup_flag_buffer_is_clean_after_errors_and_per_thread(rng, tri
     assert triton_lookup.thread_flags(batch) is mine and other[0] is not mine
 
 
+def test_triton_lookup_uses_the_thread_buffer_and_cleans_it_on_any_exit(rng, triton_device, monkeypatch):
+    """`lookup` hands the kernel this thread's flag buffer (no new one a call), and leaves it
+    zeroed even when something fails between the launch and the read-back."""
+    from recscore.kernels.embedding_bag import triton as triton_lookup
+    table = make_table(rng, 12, 5, "fp32").to(triton_device)
+    batch = TableBatch([table])
+    indices, offsets = make_bags(rng, [12], 3, max_len=4)
+    indices[0] = 50
+    args = [torch.from_numpy(a).to(triton_device) for a in (indices, offsets)]
+    passed = []
+    kernel_lookup = triton_lookup.lookup
+    monkeypatch.setattr(triton_lookup, "lookup", lambda *a: passed.append(a[-1]) or kernel_lookup(*a))
+    with use_backend("triton"):
+        batch.lookup(*args, bounds="skip")
+        assert passed[-1] is triton_lookup.thread_flags(batch)
+
+        def interrupted(flags):
+            raise KeyboardInterrupt
+        monkeypatch.setattr(triton_lookup, "read_thread_flags", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            batch.lookup(*args, bounds="skip")
+    assert triton_lookup.thread_flags(batch).tolist() == [0, 0, 0]
+
+
+@pytest.mark.parametrize("first", [np.zeros((3, 0), np.float32)], ids=["D=0"])
+def test_triton_lookup_with_flags_with_nothing_to_launch(rng, triton_device, first):
+    """No bags, or tables of D = 0: the host flags out-of-range indices, in flags= when given."""
+    tables = [quantize_rows(first, "fp32").to(triton_device)]
+    batch = TableBatch(tables)
+    to = lambda a: torch.from_numpy(np.asarray(a, np.int64)).to(triton_device)  # noqa: E731
+    flags = torch.zeros(3, dtype=torch.int32, device=triton_device)
+    with use_backend("triton"):
+        out, returned = batch.lookup_with_flags(to([0, 2]), to([0, 2]), flags=flags)
+        assert returned is flags and flags.tolist() == [0, 0, 0] and tuple(out.shape) == (1, 0)
+        out, returned = batch.lookup_with_flags(to([0, 9]), to([0, 2]), flags=flags)
+        assert returned is flags and flags.tolist() == [0, 1, 0]
+        assert batch.lookup_with_flags(to([0, 9]), to([0, 2]))[1].tolist() == [0, 1, 0]
+        assert batch.lookup_with_flags(to([]), to([0]), flags=flags)[1] is flags
+
+
 def test_triton_reads_fused_rows_in_place(rng, triton_device, monkeypatch):
     """FBGEMM-layout int8/int4 tables (RowTable.fused()) move to torch as one buffer and the
     kernel reads codes, scale and bias from the one row; rows whose bytes are not a multiple of 4

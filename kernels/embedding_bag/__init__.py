@@ -71,7 +71,8 @@ class TableBatch:
         inputs is read). flags[1] != 0: some index lay outside [-1, R_t) and was skipped, as with
         bounds="skip". flags[2] != 0: a per-sample weight was NaN or inf. `lookup` reads these
         flags itself (one wait per call) and raises; here the caller checks them when convenient.
-        With nothing to launch (no bags, or tables of D = 0) the checks run on the host instead.
+        With nothing to launch (no bags, or tables of D = 0) the checks run on the host instead:
+        bad offsets or weights raise there, and out-of-range indices are flagged.
         The first call for a new set of tables copies their layout to the device (a wait): make
         it before capturing a graph.
 
@@ -112,16 +113,17 @@ def _lookup(batch, indices, offsets, pooling, per_sample_weights, bounds, with_f
         if per_sample_weights.shape[0] != indices.shape[0]:
             raise ValueError(f"per_sample_weights must have the length of indices ({indices.shape[0]}), "
                              f"got {per_sample_weights.shape[0]}")
+    backend = choose_backend(kind)
+    if with_flags and backend != "triton":
+        raise ValueError(f"lookup_with_flags runs the Triton kernel on CUDA tensors; got {kind} inputs "
+                         f"on the {backend} backend (use lookup)")
     if flags is not None:
         if check_array("flags", flags, 1, ("int32",)) == "numpy":
             raise TypeError("flags must be a torch.Tensor on the tables' device, got a NumPy array")
         check_same_device("flags", flags, kind, device)
         if flags.shape[0] != 3 or not flags.is_contiguous():
-            raise ValueError(f"flags must be a contiguous int32 tensor of 3 elements, got shape {tuple(flags.shape)}")
-    backend = choose_backend(kind)
-    if with_flags and backend != "triton":
-        raise ValueError(f"lookup_with_flags runs the Triton kernel on CUDA tensors; got {kind} inputs "
-                         f"on the {backend} backend (use lookup)")
+            raise ValueError(f"flags must be a contiguous int32 tensor of 3 elements, got shape "
+                             f"{tuple(flags.shape)} and strides {flags.stride()}")
     if backend == "triton" and B > 0 and sum(batch.dims) > 0:
         # The kernel checks offsets, indices and weights as it reads them; reading its flags is
         # the call's only wait for the GPU. The host checks below run only to word the error,
@@ -130,14 +132,15 @@ def _lookup(batch, indices, offsets, pooling, per_sample_weights, bounds, with_f
         if per_sample_weights is not None:
             per_sample_weights = per_sample_weights.contiguous()
         triton_lookup = backend_module(__name__, "triton")
-        if not with_flags:   # read back below, before this thread's next call
-            flags = triton_lookup.thread_flags(batch)
-        out, flags = triton_lookup.lookup(batch, indices, offsets, B, pooling, per_sample_weights, flags)
         if with_flags:
-            return out, flags
-        bad_offsets, bad_index, bad_weight = flags.tolist()
-        if bad_offsets or bad_index or bad_weight:
-            flags.zero_()
+            return triton_lookup.lookup(batch, indices, offsets, B, pooling, per_sample_weights, flags)
+        flags = triton_lookup.thread_flags(batch)
+        try:
+            out, _ = triton_lookup.lookup(batch, indices, offsets, B, pooling, per_sample_weights, flags)
+            bad_offsets, bad_index, bad_weight = triton_lookup.read_thread_flags(flags)
+        except BaseException:
+            triton_lookup.clear_flags(flags)   # whatever the kernel set: the thread's next call starts clean
+            raise
         if bad_offsets or bad_weight or (bad_index and bounds == "error"):
             offsets_host = check_offsets("offsets", offsets, indices.shape[0], T * B)
             if per_sample_weights is not None:
@@ -153,7 +156,18 @@ def _lookup(batch, indices, offsets, pooling, per_sample_weights, bounds, with_f
         check_bag_indices(indices, offsets_host, batch.rows, B, batch.table_names)
     if backend == "triton":  # nothing to launch: no bags, or tables of D = 0
         out = like(np.zeros((B, sum(batch.dims)), np.float32), kind, device)
-        return (out, like(np.zeros(3, np.int32), kind, device)) if with_flags else out
+        if not with_flags:
+            return out
+        try:   # lookup_with_flags skips out-of-range indices: flag them, as the kernel does
+            check_bag_indices(indices, offsets_host, batch.rows, B, batch.table_names)
+            bad_index = 0
+        except IndexError:
+            bad_index = 1
+        if flags is None:
+            return out, like(np.array([0, bad_index, 0], np.int32), kind, device)
+        if bad_index:
+            flags[1] = 1
+        return out, flags
     weights = None if per_sample_weights is None else np.ascontiguousarray(to_numpy(per_sample_weights))
     out = backend_module(__name__, backend).lookup(batch, np.ascontiguousarray(to_numpy(indices)), offsets_host, B,
                                           pooling, weights, bounds)

@@ -243,13 +243,32 @@ def _prepare(batch):
 
 def thread_flags(batch):
     """A zeroed int32 (3,) error-flag buffer on the batch's device for the calling thread's
-    `lookup` calls, which read it back before returning and zero it if a flag was set: calls of
-    one thread never overlap, so one buffer serves them all, with no allocation or zero fill a call."""
+    `lookup` calls, which read it back before returning (read_thread_flags): calls of one thread
+    never overlap, so one buffer serves them all, with no allocation or zero fill a call."""
     device = _prepare(batch)[1].device
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError("lookup waits for the GPU to read its error flags, so it cannot be captured in "
+                           "a CUDA graph: capture TableBatch.lookup_with_flags")
     buffers = _thread_flag_buffers.__dict__.setdefault("by_device", {})
     if device not in buffers:
         buffers[device] = torch.zeros(3, dtype=torch.int32, device=device)
     return buffers[device]
+
+
+def read_thread_flags(flags):
+    """The flags a `lookup` set in its thread's buffer, as a list (a wait for the GPU); a set flag
+    is cleared before returning."""
+    values = flags.tolist()
+    if any(values):
+        clear_flags(flags)
+    return values
+
+
+def clear_flags(flags):
+    """Zero a thread's flag buffer and wait for it: the thread's next call may run on another stream."""
+    flags.zero_()
+    if flags.is_cuda:
+        torch.cuda.current_stream(flags.device).synchronize()
 
 
 def lookup(batch, indices, offsets, bags_per_table, pooling, per_sample_weights, errors=None):
