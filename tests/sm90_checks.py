@@ -50,17 +50,22 @@ def cubin_resources(cubin):
         sass = subprocess.run([CUOBJDUMP, "--dump-sass", f.name], capture_output=True, text=True, check=True).stdout
     instructions = re.findall(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", sass)
     addresses = [int(address, 16) for address, _ in instructions]
+    # Branches: BRA with any modifiers (BRA.U, BRA.DIV, ...) or JMP, predicated or not, to an address.
     loops = [(int(target, 16), address) for address, (_, instruction) in zip(addresses, instructions)
-             for target in re.findall(r"BRA 0x([0-9a-f]+)", instruction) if int(target, 16) < address]
+             for target in re.findall(r"\b(?:BRA|JMP)(?:\.\w+)*\b[^;]*?0x([0-9a-f]+)", instruction)
+             if int(target, 16) < address]
+    assert not any(re.search(r"\b(BRX|JMX)\b", instruction) for _, instruction in instructions), \
+        "an indirect branch: its loops cannot be read off the SASS"
     in_loops = sum(1 for address, (_, instruction) in zip(addresses, instructions)
                    if re.search(r"\b(LDL|STL)\b", instruction) and any(start <= address <= end for start, end in loops))
-    return (int(re.search(r"REG:(\d+)", text).group(1)), int(re.search(r"STACK:(\d+)", text).group(1)), in_loops)
+    return (int(re.search(r"REG:(\d+)", text).group(1)), int(re.search(r"STACK:(\d+)", text).group(1)), in_loops,
+            len(loops))
 
 
 class Utils:
     def load_binary(self, name, cubin, shared, device):
-        registers, stack, spills_in_loops = cubin_resources(cubin)
-        compiled[-1].update(registers=registers, stack=stack, spills_in_loops=spills_in_loops)
+        registers, stack, spills_in_loops, loops = cubin_resources(cubin)
+        compiled[-1].update(registers=registers, stack=stack, spills_in_loops=spills_in_loops, loops=loops)
         return name, name, registers, stack, 1024   # module, function, n_regs, n_spills (stack), max threads
 
     def get_device_properties(self, device):
@@ -221,6 +226,8 @@ def check_embedding():
                           lambda batch=batch, call=call: embedding_triton.lookup(batch, *call)))
     check_calls(calls, [embedding_triton._launch_lookup])
     report_compiled("_lookup_kernel", ("DTYPE_FLAGS", "POOLING", "HAS_WEIGHTS", "BLOCK_L", "BLOCK_D"))
+    # The bag loop must be found, or the spill check above could not fail.
+    assert all(k["loops"] for k in compiled if k["name"] == "_lookup_kernel"), "no loop found in a lookup's SASS"
 
     # A direct launch passes the compiled kernel exactly what Triton's own launch passed.
     batch = TableBatch([quantize_rows(rng.standard_normal((500, 48)).astype(np.float32), "int8").to("cpu")])
