@@ -1,5 +1,6 @@
 """Build script: maps the source folders onto the `recscore` package and compiles the Cython bindings."""
 import os
+import sys
 
 import numpy as np
 from Cython.Build import cythonize
@@ -7,6 +8,9 @@ from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
 NUMPY_API = [("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")]
+# Cython translates in worker processes; where they start by spawn (not fork) each would run this
+# script again, so only Linux translates in parallel (the C compiles run in threads everywhere).
+CYTHON_PROCESSES = (os.cpu_count() or 1) if sys.platform == "linux" else 0
 
 
 def c_kernels(name):
@@ -59,5 +63,5 @@ setup(
         "recscore.kernels.topk": "kernels/topk",
         "recscore.kernels.qmatmul": "kernels/qmatmul",
     },
-    ext_modules=cythonize(extensions, nthreads=os.cpu_count() or 1, language_level=3, compiler_directives={"boundscheck": False, "wraparound": False}),
+    ext_modules=cythonize(extensions, nthreads=CYTHON_PROCESSES, language_level=3, compiler_directives={"boundscheck": False, "wraparound": False}),
 )

@@ -58,6 +58,7 @@ def host():
         ("torch F.embedding_bag", lambda: F.embedding_bag(indices, table.data, offsets, mode="sum",
                                                           include_last_offset=True)),
         ("TableBatch.lookup_with_flags", lambda: batch.lookup_with_flags(indices, offsets)),
+        ("TableBatch.lookup_with_flags(flags=)", lambda: batch.lookup_with_flags(indices, offsets, flags=errors)),
         ("TableBatch.lookup (reads flags)", lambda: batch.lookup(indices, offsets)),
         ("triton backend lookup()", lambda: triton_lookup.lookup(batch, indices, offsets, B, "sum", None)),
         ("_prepare(batch)", lambda: triton_lookup._prepare(batch)),
