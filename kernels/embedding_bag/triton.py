@@ -245,7 +245,7 @@ def thread_flags(batch):
     """A zeroed int32 (3,) error-flag buffer on the batch's device for the calling thread's
     `lookup` calls, which read it back before returning (read_thread_flags): calls of one thread
     never overlap, so one buffer serves them all, with no allocation or zero fill a call."""
-    device = _prepare(batch)[1].device
+    device = batch.tables[0].data.device   # a TableBatch's tables share one device
     if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
         raise RuntimeError("lookup waits for the GPU to read its error flags, so it cannot be captured in "
                            "a CUDA graph: capture TableBatch.lookup_with_flags")
