@@ -17,6 +17,10 @@ Shapes (B = 2048, 8 rotated index sets each, uniform random rows):
   peer's EmbeddingBag module is built once and called per request, our side is a TableBatch
   over the same buffer built once (embedding_bag, stateless like F.embedding_bag, builds one
   on every call).
+Every table starts on a cache line (64 bytes), as torch's CPU allocator places an EmbeddingBag's
+own weight and quantize_rows places its output; NumPy places a large array 16 bytes past a line,
+so that a 256-byte row spans 5 lines instead of 4. The "NumPy-placed" case (no target) runs the
+large fp32 shape on such a table, both sides reading it.
 Our side is the public API (embedding_bag / TableBatch.lookup, validation included). The "int8
 fused rows" cases (no target) store the same int8 tables as RowTables over one buffer of
 FBGEMM-layout rows (codes, scale, bias), which the CPU kernel reads in place: what quantize_rows
@@ -27,13 +31,20 @@ import torch
 
 from bench.protocol import Comparison
 from recscore.kernels import TableBatch, embedding_bag, quantize_rows
+from recscore.kernels import aligned_empty
 
 B = 2048
 N_SETS = 8
 
 
 def random_table(rng, rows, dim):
-    return rng.standard_normal((rows, dim), dtype=np.float32)
+    return rng.standard_normal((rows, dim), dtype=np.float32, out=aligned_empty((rows, dim), np.float32))
+
+
+def aligned_fp16(table):
+    out = aligned_empty(table.shape, np.float16)
+    out[...] = table
+    return out
 
 
 def torch_bag(table):
@@ -44,7 +55,7 @@ def torch_bag(table):
     return bag
 
 
-def single_table_cases(rng, name, rows, dim, pooling_factor, int8_target, online_batches=()):
+def single_table_cases(rng, name, rows, dim, pooling_factor, int8_target, online_batches=(), numpy_placed=False):
     table = random_table(rng, rows, dim)
     index_sets = [rng.integers(0, rows, B * pooling_factor) for _ in range(N_SETS)]
     offsets = np.arange(0, B * pooling_factor + 1, pooling_factor, dtype=np.int64)
@@ -74,7 +85,14 @@ def single_table_cases(rng, name, rows, dim, pooling_factor, int8_target, online
                          note="both sides hold their table object across calls")
     yield Comparison(f"{shape} fp32", "recscore cpu fp32", "torch.nn.EmbeddingBag fp32", ours_of(table), torch_fp32,
                      target=1.2, bytes_per_call=row_reads * dim * 4)
-    table_fp16 = table.astype(np.float16)
+    if numpy_placed:
+        misaligned = np.empty_like(table)
+        misaligned[...] = table
+        yield Comparison(f"{shape} fp32, NumPy-placed table", "recscore cpu fp32", "torch.nn.EmbeddingBag fp32",
+                         ours_of(misaligned), peer_of(torch_bag(misaligned)), bytes_per_call=row_reads * dim * 4,
+                         note=f"table {misaligned.ctypes.data % 64} bytes past a cache line, as np.empty placed it")
+        del misaligned
+    table_fp16 = aligned_fp16(table)
     yield Comparison(f"{shape} fp16", "recscore cpu fp16", "torch.nn.EmbeddingBag fp16", ours_of(table_fp16),
                      peer_of(torch_bag(table_fp16)), target=1.0, bytes_per_call=row_reads * dim * 2)
     del table_fp16
@@ -140,7 +158,7 @@ def dlrm_cases(rng, quick, online_batches=()):
                      bytes_per_call=row_reads * (row_bytes + 8),
                      note="int8 codes, scale and bias in one row per table (FBGEMM's layout), as RowTables")
     del tables_int8, torch_fp32
-    tables_fp16 = [t.astype(np.float16) for t in tables]
+    tables_fp16 = [aligned_fp16(t) for t in tables]
     del tables
     yield Comparison(f"{shape} fp16", "recscore cpu TableBatch fp16", "torch.nn.EmbeddingBag fp16, per-table loop",
                      ours_of(tables_fp16), peer_of([torch_bag(t) for t in tables_fp16]), target=1.0,
@@ -150,5 +168,6 @@ def dlrm_cases(rng, quick, online_batches=()):
 def comparisons(quick=False):
     rng = np.random.default_rng(2026)
     yield from single_table_cases(rng, "small", 20_000 if quick else 100_000, 64, 32, None)
-    yield from single_table_cases(rng, "large", 200_000 if quick else 2_000_000, 64, 32, 4.0, online_batches=(1, 16))
+    yield from single_table_cases(rng, "large", 200_000 if quick else 2_000_000, 64, 32, 4.0, online_batches=(1, 16),
+                                  numpy_placed=True)
     yield from dlrm_cases(rng, quick, online_batches=(1, 16))

@@ -154,8 +154,11 @@ EB_AVX512 EB_INLINE __m512 eb_load(const int dtype, const uint8_t *row, const in
 }
 
 /* Prefetch of every line that columns c0.. of row r touch: one per 64 bytes of vectors, and
- * the block's last byte (rows need not be line-aligned), plus the row's qparams. `hint` is a
- * constant once inlined, as the instruction needs. */
+ * the block's last byte when the row does not start a line (NumPy places big arrays 16 bytes
+ * past one), plus the row's qparams. Skipping that redundant prefetch on rows that start a
+ * line: 1.0-1.1x faster (alternated with torch, same process, D=64: 100k-row fp32/fp16 in six
+ * runs, 2M-row fp32/fp16/int8 in two). `hint` is a constant once inlined, as the instruction
+ * needs. */
 EB_AVX512 EB_INLINE void eb_prefetch_row(const int dtype, const int nv, const enum _mm_hint hint, const uint8_t *data,
                                          const int64_t row_bytes, const int64_t block_bytes, const uint8_t *qparams,
                                          const int64_t qparams_stride, const int64_t r)
@@ -165,7 +168,8 @@ EB_AVX512 EB_INLINE void eb_prefetch_row(const int dtype, const int nv, const en
     for (int v = 0; v < nv; v++)
         if (v * vector_bytes % 64 == 0)
             _mm_prefetch(row + v * vector_bytes, hint);
-    _mm_prefetch(row + block_bytes - 1, hint);
+    if ((uintptr_t)row % 64)
+        _mm_prefetch(row + block_bytes - 1, hint);
     if (dtype == EB_INT8 || dtype == EB_INT4)
         _mm_prefetch((const char *)qparams + r * qparams_stride, hint);
 }

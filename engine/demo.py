@@ -5,7 +5,7 @@ from collections import Counter
 import numpy as np
 from tqdm import tqdm
 
-from recscore.kernels import RowTable, quantize_rows
+from recscore.kernels import RowTable, aligned_empty, quantize_rows
 
 from .datasets import hold_out_last, load_movielens, synthetic_catalogue
 from .evaluate import popularity_ranking, recall_ndcg
@@ -52,7 +52,11 @@ def quantize_with_progress(weights, dtype, chunk_rows=1 << 16):
     parts = [quantize_rows(weights[start:start + chunk_rows], dtype)
              for start in tqdm(range(0, len(weights), chunk_rows), desc=f"quantizing to {dtype}", unit="chunk",
                                delay=1.0)]
-    join = lambda arrays: None if arrays[0] is None else np.concatenate(arrays)  # noqa: E731
+    def join(arrays):   # into storage that starts a cache line, as quantize_rows allocates
+        if arrays[0] is None:
+            return None
+        return np.concatenate(arrays, out=aligned_empty((sum(len(a) for a in arrays),) + arrays[0].shape[1:],
+                                                        arrays[0].dtype))
     return RowTable(dtype, weights.shape, join([p.data for p in parts]),
                     join([p.scale for p in parts]), join([p.bias for p in parts]))
 

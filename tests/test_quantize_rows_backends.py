@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from recscore.kernels import quantize_rows, use_backend
+from recscore.kernels import aligned_empty
 from recscore.kernels.quantize_rows import cpu, reference
 
 ROW_DTYPES = ("fp32", "fp16", "bf16", "int8", "int4")
@@ -47,6 +48,30 @@ def test_cpu_matches_reference(rng, dtype, dim, weight_dtype):
     got, want = quantize_both(weights, dtype)
     assert_same_storage(got, want)
     assert np.array_equal(weights, before)
+
+
+@pytest.mark.parametrize("dtype", ["fp16", "bf16", "int8", "int4"])
+@pytest.mark.parametrize("weight_dtype", [np.float32, np.float64, np.float16])
+def test_cpu_storage_starts_on_a_cache_line(rng, dtype, weight_dtype):
+    """Every new array starts a 64-byte line, so a 64-byte int8 row is one line, not two."""
+    weights = rng.standard_normal((100, 64)).astype(weight_dtype)
+    with use_backend("cpu"):
+        table = quantize_rows(weights, dtype)
+    for part in (table.data, table.scale, table.bias):
+        if part is not None:
+            assert part.ctypes.data % 64 == 0 and part.flags.c_contiguous
+    if table.scale is not None:
+        assert table.fused().data.ctypes.data % 64 == 0
+
+
+@pytest.mark.parametrize("shape", [(0,), (5,), (0, 3), (7, 0), (3, 5), (2, 3, 4)])
+@pytest.mark.parametrize("dtype", [np.uint8, np.float16, np.float32, np.int64])
+def test_aligned_empty(shape, dtype):
+    array = aligned_empty(shape, dtype)
+    assert array.shape == shape and array.dtype == dtype and array.flags.c_contiguous and array.flags.writeable
+    assert array.size == 0 or array.ctypes.data % 64 == 0   # an empty array has no bytes to place
+    array[...] = 1   # the whole view lies inside its buffer
+    assert array.sum() == array.size
 
 
 @pytest.mark.parametrize("dtype", ROW_DTYPES)

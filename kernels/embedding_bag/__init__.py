@@ -15,8 +15,10 @@ class TableBatch:
     """Many embedding tables looked up in one pass (FBGEMM's table-batched embeddings).
 
     Tables may differ in R, D and dtype; they must all live on the host or all on one
-    CUDA device. Backends may keep derived layouts (packed buffers, pointer arrays) in
-    `prepared`, built once under `lock`.
+    CUDA device. Tables are read in place: host rows that start a 64-byte line (quantize_rows
+    output, torch tensors, aligned_empty) read fewer lines than NumPy's placement (see README).
+    Backends may keep derived layouts (packed buffers, pointer arrays) in `prepared`, built
+    once under `lock`.
     """
 
     def __init__(self, tables):

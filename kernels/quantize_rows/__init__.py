@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from .._backend import array_kind, backend_module, bf16_bits_to_float32, choose_backend, dtype_name, to_numpy, to_torch, warn_once
+from .._backend import aligned_empty, array_kind, backend_module, bf16_bits_to_float32, choose_backend, dtype_name, to_numpy, to_torch, warn_once
 from .._validate import check_array, check_choice, check_finite
 from . import reference
 
@@ -97,7 +97,7 @@ class RowTable:
 def _fused_buffer(host):
     """(R, row bytes + 8) uint8: each row's codes, then its float32 scale and bias (host table)."""
     rows, row_bytes = host.data.shape
-    buffer = np.empty((rows, row_bytes + 8), np.uint8)
+    buffer = aligned_empty((rows, row_bytes + 8), np.uint8)
     buffer[:, :row_bytes] = host.data
     qparams = buffer[:, row_bytes:].view(np.float32)
     qparams[:, 0], qparams[:, 1] = host.scale, host.bias

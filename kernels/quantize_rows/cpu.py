@@ -12,6 +12,7 @@ from numba import njit, prange, types
 from numba.extending import intrinsic
 
 from .. import _numba  # noqa: F401  (thread-safe threading layer, before any parallel kernel)
+from .._backend import aligned_empty
 from .reference import QUANT_BITS
 
 
@@ -76,14 +77,15 @@ def quantize(weights, dtype):
     if dtype == "fp32":
         return np.ascontiguousarray(weights, dtype=np.float32), None, None
     if dtype == "fp16":
+        out = aligned_empty(weights.shape, np.float16)
         if weights.dtype != np.float32:
-            return np.ascontiguousarray(weights.astype(np.float16)), None, None
-        out = np.empty(weights.shape, np.float16)
+            out[:] = weights
+            return out, None, None
         _fp16_kernel(np.ascontiguousarray(weights), out.view(np.uint16))
         return out, None, None
     if dtype == "bf16":
         weights32 = np.ascontiguousarray(weights, dtype=np.float32)
-        out = np.empty(weights32.shape, np.uint16)
+        out = aligned_empty(weights32.shape, np.uint16)
         _bf16_kernel(weights32.view(np.uint32), out)
         return out, None, None
     if weights.dtype not in (np.float32, np.float64):  # float16: widen exactly (Numba has no float16)
@@ -91,7 +93,7 @@ def quantize(weights, dtype):
     weights = np.ascontiguousarray(weights)
     rows, dim = weights.shape
     bits = QUANT_BITS[dtype]
-    codes = np.empty((rows, dim if bits == 8 else (dim + 1) // 2), np.uint8)
-    scale, bias = np.empty(rows, np.float32), np.empty(rows, np.float32)
+    codes = aligned_empty((rows, dim if bits == 8 else (dim + 1) // 2), np.uint8)
+    scale, bias = aligned_empty(rows, np.float32), aligned_empty(rows, np.float32)
     _quantize_kernel(weights, bits, codes, scale, bias)
     return codes, scale, bias
