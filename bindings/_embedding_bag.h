@@ -82,7 +82,11 @@ enum { EB_DATA, EB_QPARAMS, EB_DTYPE, EB_ROWS, EB_DIM, EB_ROW_BYTES, EB_COLUMN, 
 #define EB_RETRY_MIN_BLOCK_BYTES 128
 /* Tables up to this size stay in L2 (1 MB a core here) once warm: prefetches there only cost
  * issue slots (on 1000-row tables, one thread: D=64 fp16 and int8 1.3x, D=128 fp32 1.2-1.6x
- * faster without). */
+ * faster without). Tables of 1-16 MB, mostly in L3, keep the two-level prefetch: FBGEMM's one
+ * L1 prefetch 16 rows ahead is 1.05-1.35x faster there back to back (D=64 fp16/int8/fp32,
+ * D=128 fp32; one and two threads) but slower alternated with torch, as the benchmark runs
+ * (A/B of the group, three runs each: 100k-row int8 2.1-2.4x -> 1.5-1.7x torch, DLRM-like
+ * int8 2.6-3.1x -> 2.4-2.5x, fp16 1.6-1.7x -> 1.4-1.6x). */
 #define EB_PREFETCH_MIN_TABLE_BYTES (1 << 20)
 #define EB_MIN_PREFETCH_ROWS 16
 #define EB_MAX_PREFETCH_ROWS 128
@@ -156,8 +160,8 @@ EB_AVX512 EB_INLINE __m512 eb_load(const int dtype, const uint8_t *row, const in
 /* Prefetch of every line that columns c0.. of row r touch: one per 64 bytes of vectors, and
  * the block's last byte when the row does not start a line (NumPy places big arrays 16 bytes
  * past one), plus the row's qparams. Skipping that redundant prefetch on rows that start a
- * line: 1.0-1.1x faster (alternated with torch, same process, D=64: 100k-row fp32/fp16 in six
- * runs, 2M-row fp32/fp16/int8 in two). `hint` is a constant once inlined, as the instruction
+ * line: 1.0-1.2x faster (alternated with torch, same process, D=64: 100k-row fp32/fp16 in three
+ * runs each, 2M-row fp32/fp16/int8 in two each). `hint` is a constant once inlined, as the instruction
  * needs. */
 EB_AVX512 EB_INLINE void eb_prefetch_row(const int dtype, const int nv, const enum _mm_hint hint, const uint8_t *data,
                                          const int64_t row_bytes, const int64_t block_bytes, const uint8_t *qparams,

@@ -1,0 +1,100 @@
+"""What bounds the CPU embedding lookup (issue 3): row placement and the int8 line ceiling.
+
+    python -m bench.cpu_embedding_probe
+
+Shape: the embedding group's large shape (R = 2M, D = 64, B = 2048, L = 32, sum), 2 threads,
+OMP_WAIT_POLICY=PASSIVE as bench.protocol sets. Each case is timed back to back (the same call
+32 times in a row) and alternated with torch's call on the same table (40 pairs, torch first:
+the benchmark's situation), median ms and the median per-pair ratio (torch / ours).
+
+- fp32, a table that starts a cache line against one 16 bytes past a line (where np.empty puts
+  a large array): 4 lines a 256-byte row against 5, for both sides.
+- int8 rows (quantize_rows: codes on a line, 1 line a row, plus the row's (scale, bias) from
+  the side-by-side qparams copy, a second line), and the same call with every row reading row
+  0's qparams (qparams stride 0, so always in L1): what any layout of one line a row could do.
+"""
+import statistics
+import time
+
+import numpy as np
+import torch
+
+from bench.protocol import THREADS, set_threads
+from recscore.bindings import _embedding_bag
+from recscore.kernels import TableBatch, aligned_empty, quantize_rows
+from recscore.kernels.embedding_bag import cpu as cpu_lookup
+
+ROWS, DIM, B, L = 2_000_000, 64, 2048, 32
+N_SETS = 8
+QPARAMS_STRIDE = 7   # column of the C kernel's table description
+
+
+def _ms(fn, i):
+    start = time.perf_counter()
+    fn(i % N_SETS)
+    return (time.perf_counter() - start) * 1e3
+
+
+def back_to_back(fn, calls=32):
+    return statistics.median(_ms(fn, i) for i in range(calls))
+
+
+def alternated(peer, ours, pairs=40):
+    peer_ms, our_ms = [], []
+    for i in range(pairs):
+        peer_ms.append(_ms(peer, i))
+        our_ms.append(_ms(ours, i + 3))
+    return statistics.median(peer_ms), statistics.median(our_ms), statistics.median(
+        p / o for p, o in zip(peer_ms, our_ms))
+
+
+def main():
+    set_threads()
+    threads = THREADS
+    rng = np.random.default_rng(0)
+    aligned = rng.standard_normal((ROWS, DIM), dtype=np.float32, out=aligned_empty((ROWS, DIM), np.float32))
+    numpy_placed = np.empty_like(aligned)
+    numpy_placed[...] = aligned
+    index_sets = [rng.integers(0, ROWS, B * L) for _ in range(N_SETS)]
+    offsets = np.arange(0, B * L + 1, L, dtype=np.int64)
+    torch_sets = [torch.from_numpy(s) for s in index_sets]
+    torch_offsets = torch.from_numpy(offsets[:-1])
+
+    def torch_call(table):
+        bag = torch.nn.EmbeddingBag.from_pretrained(torch.from_numpy(table), freeze=True, mode="sum")
+        return lambda i: bag(torch_sets[i], torch_offsets)
+
+    def our_call(table):
+        batch = TableBatch([table])
+        return lambda i: batch.lookup(index_sets[i], offsets)
+
+    int8 = TableBatch([quantize_rows(aligned, "int8")])
+    _, description, _ = cpu_lookup._prepare(int8)
+    row0_qparams = description.copy()
+    row0_qparams[0, QPARAMS_STRIDE] = 0
+    out = np.empty((B, DIM), np.float32)
+
+    def int8_call(tables):
+        return lambda i: _embedding_bag.lookup(tables, index_sets[i], offsets, None, B, 0, True, out, threads, False)
+
+    print(f"R={ROWS} D={DIM} B={B} L={L}, {threads} threads; aligned table at {aligned.ctypes.data % 64} bytes "
+          f"past a line, NumPy-placed at {numpy_placed.ctypes.data % 64}")
+    torch_aligned, torch_placed = torch_call(aligned), torch_call(numpy_placed)
+    cases = [("fp32 on a line", torch_aligned, our_call(aligned)),
+             ("fp32 NumPy-placed", torch_placed, our_call(numpy_placed)),
+             ("int8 rows (kernel only)", torch_aligned, int8_call(description)),
+             ("int8, qparams always in L1", torch_aligned, int8_call(row0_qparams))]
+    with torch.no_grad():
+        for _, peer, ours in cases:
+            for i in range(4):
+                peer(i), ours(i)
+        print("| case | torch back to back | ours back to back | torch alternated | ours alternated | ratio alternated |")
+        print("|---|---:|---:|---:|---:|---:|")
+        for name, peer, ours in cases:
+            peer_b2b, our_b2b = back_to_back(peer), back_to_back(ours)
+            peer_alt, our_alt, ratio = alternated(peer, ours)
+            print(f"| {name} | {peer_b2b:.3f} | {our_b2b:.3f} | {peer_alt:.3f} | {our_alt:.3f} | {ratio:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()
