@@ -18,8 +18,8 @@ Shapes (B = 2048, 8 rotated index sets each, uniform random rows):
   over the same buffer built once (embedding_bag, stateless like F.embedding_bag, builds one
   on every call).
 Every table starts on a cache line (64 bytes), as torch's CPU allocator places an EmbeddingBag's
-own weight and quantize_rows places its output; NumPy places a large array 16 bytes past a line,
-so that a 256-byte row spans 5 lines instead of 4. The "NumPy-placed" case (no target) runs the
+own weight and quantize_rows its new storage; glibc's malloc, under NumPy, puts a large array 16
+bytes past a line, so that a 256-byte row spans 5 lines instead of 4. The "NumPy-placed" case (no target) runs the
 large fp32 shape on such a table, both sides reading it.
 Our side is the public API (embedding_bag / TableBatch.lookup, validation included). The "int8
 fused rows" cases (no target) store the same int8 tables as RowTables over one buffer of
@@ -30,8 +30,7 @@ import numpy as np
 import torch
 
 from bench.protocol import Comparison
-from recscore.kernels import TableBatch, embedding_bag, quantize_rows
-from recscore.kernels import aligned_empty
+from recscore.kernels import TableBatch, aligned_empty, embedding_bag, quantize_rows
 
 B = 2048
 N_SETS = 8

@@ -64,7 +64,9 @@ enum { EB_DATA, EB_QPARAMS, EB_DTYPE, EB_ROWS, EB_DIM, EB_ROW_BYTES, EB_COLUMN, 
  * loop, without Python or torch: a numpy gather or torch's kernel just before has the effect).
  * In that slow state the T1 prefetches add little, as if dropped: the retry below recovers part
  * of it. T0 alone at 16 rows (torch's scheme) is never faster in that state and never reaches
- * the fast one. */
+ * the fast one. All of this was measured on tables 16 bytes past a line, where NumPy puts
+ * them; on tables that start a line the call after torch's is 1.0-1.2x slower than back to
+ * back instead of 1.4-2.2x (bench/RESULTS.md). */
 #define EB_PREFETCH_BYTES 8192
 /* Tables above this (half the 32 MB L3 here, which the calls of other code share) are read
  * mostly from DRAM, where rows of at least EB_RETRY_MIN_BLOCK_BYTES get a second L2 prefetch,
@@ -77,7 +79,11 @@ enum { EB_DATA, EB_QPARAMS, EB_DTYPE, EB_ROWS, EB_DIM, EB_ROW_BYTES, EB_COLUMN, 
  * this EPYC is, PREFETCHT1/T2 were seen intermittently dropped, cause unknown: Wang et al.,
  * arXiv 2411.02814), and the retry catches most of those. Not worth it for 72-byte int8 rows
  * (no gain alternated, 12-20% slower back to back: the prefetches' issue cost) nor for a 13 MB
- * fp16 table (1.11-1.46x -> 1.02-1.17x alternated). */
+ * fp16 table (1.11-1.46x -> 1.02-1.17x alternated). Those figures are from tables 16 bytes past
+ * a line. On tables that start a line (alternated with torch in one process, three runs) 2M-row
+ * fp32 is still faster with it, 1.70-2.42x torch against 1.48-1.67x without; for 128-byte fp16
+ * rows the A/B was inconclusive (group runs, three each: large 1.33-1.62x with, 1.31-1.94x
+ * without), so they keep it. */
 #define EB_RETRY_MIN_TABLE_BYTES (16 << 20)
 #define EB_RETRY_MIN_BLOCK_BYTES 128
 /* Tables up to this size stay in L2 (1 MB a core here) once warm: prefetches there only cost

@@ -52,6 +52,7 @@ def quantize_with_progress(weights, dtype, chunk_rows=1 << 16):
     parts = [quantize_rows(weights[start:start + chunk_rows], dtype)
              for start in tqdm(range(0, len(weights), chunk_rows), desc=f"quantizing to {dtype}", unit="chunk",
                                delay=1.0)]
+
     def join(arrays):   # into storage that starts a cache line, as quantize_rows allocates
         if arrays[0] is None:
             return None

@@ -8,6 +8,7 @@ torch is imported only when the caller hands us a tensor: the CPU path needs Num
 import contextlib
 import contextvars
 import importlib
+import math
 import os
 import sys
 import threading
@@ -132,15 +133,20 @@ CACHE_LINE_BYTES = 64
 
 
 def aligned_empty(shape, dtype, alignment=CACHE_LINE_BYTES):
-    """np.empty whose first byte starts a cache line (alignment: bytes), as torch's CPU allocator
-    and FBGEMM place tables. NumPy places a large array 16 bytes past a line, so that every 256-byte fp32 row
-    spans 5 lines instead of 4 and every 64-byte int8 row 2 instead of 1: a random-row gather
-    then reads 25-100% more lines."""
+    """np.empty whose first byte starts a cache line (`alignment` bytes), where torch's CPU
+    allocator puts every tensor. glibc's malloc, under NumPy, puts a large array 16 bytes past
+    a line, so that each 256-byte fp32 row spans 5 lines instead of 4 and each 64-byte int8 row
+    2 instead of 1: a random-row gather reads 25-100% more lines. A copy or unpickled array is
+    placed as NumPy places it again."""
     dtype = np.dtype(dtype)
-    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-    raw = np.empty(nbytes + alignment, np.uint8)
-    start = -raw.ctypes.data % alignment
-    return raw[start:start + nbytes].view(dtype).reshape(shape)
+    if not isinstance(alignment, int) or alignment <= 0 or alignment % dtype.alignment:
+        raise ValueError(f"alignment must be a positive multiple of {dtype.alignment} bytes for {dtype}, "
+                         f"got {alignment!r}")
+    shape = (shape,) if isinstance(shape, (int, np.integer)) else tuple(shape)
+    if any(n < 0 for n in shape):   # np.ndarray would read -1 as "the rest of the buffer"
+        raise ValueError(f"negative dimensions are not allowed, got shape {shape}")
+    raw = np.empty(math.prod(shape) * dtype.itemsize + alignment, np.uint8)   # Python ints: no wrap-around
+    return np.ndarray(shape, dtype, buffer=raw, offset=-raw.ctypes.data % alignment)   # keeps `raw` alive
 
 
 def to_numpy(x):
@@ -157,7 +163,11 @@ def to_numpy(x):
 
 
 def bf16_bits_to_float32(bits):
-    return (bits.astype(np.uint32) << 16).view(np.float32)
+    """float32 values of bfloat16 bits, in new storage that starts a cache line (aligned_empty)."""
+    wide = aligned_empty(bits.shape, np.uint32)
+    wide[...] = bits
+    wide <<= 16
+    return wide.view(np.float32)
 
 
 def to_numpy_float32(x):

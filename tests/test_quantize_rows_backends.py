@@ -8,8 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from recscore.kernels import quantize_rows, use_backend
-from recscore.kernels import aligned_empty
+from recscore.kernels import aligned_empty, quantize_rows, use_backend
 from recscore.kernels.quantize_rows import cpu, reference
 
 ROW_DTYPES = ("fp32", "fp16", "bf16", "int8", "int4")
@@ -50,13 +49,18 @@ def test_cpu_matches_reference(rng, dtype, dim, weight_dtype):
     assert np.array_equal(weights, before)
 
 
-@pytest.mark.parametrize("dtype", ["fp16", "bf16", "int8", "int4"])
-@pytest.mark.parametrize("weight_dtype", [np.float32, np.float64, np.float16])
+@pytest.mark.parametrize("dtype", ROW_DTYPES)
+@pytest.mark.parametrize("weight_dtype", [np.float32, np.float64, np.float16, "bfloat16"])
 def test_cpu_storage_starts_on_a_cache_line(rng, dtype, weight_dtype):
-    """Every new array starts a 64-byte line, so a 64-byte int8 row is one line, not two."""
-    weights = rng.standard_normal((100, 64)).astype(weight_dtype)
+    """Every new array starts a 64-byte line, so a 64-byte int8 row is one line, not two;
+    fp32 of a row-major float32 array is that array."""
+    weights = rng.standard_normal((100, 64), dtype=np.float32)
+    weights = torch.from_numpy(weights).bfloat16() if weight_dtype == "bfloat16" else weights.astype(weight_dtype)
     with use_backend("cpu"):
-        table = quantize_rows(weights, dtype)
+        table = quantize_rows(weights, dtype).numpy()   # NumPy views of a CPU tensor's storage
+    if dtype == "fp32" and weight_dtype == np.float32:
+        assert table.data is weights
+        return
     for part in (table.data, table.scale, table.bias):
         if part is not None:
             assert part.ctypes.data % 64 == 0 and part.flags.c_contiguous
@@ -64,14 +68,27 @@ def test_cpu_storage_starts_on_a_cache_line(rng, dtype, weight_dtype):
         assert table.fused().data.ctypes.data % 64 == 0
 
 
-@pytest.mark.parametrize("shape", [(0,), (5,), (0, 3), (7, 0), (3, 5), (2, 3, 4)])
+@pytest.mark.parametrize("shape", [(0,), (5,), (0, 3), (7, 0), (3, 5), (2, 3, 4), (), 6, np.int64(6)])
 @pytest.mark.parametrize("dtype", [np.uint8, np.float16, np.float32, np.int64])
 def test_aligned_empty(shape, dtype):
     array = aligned_empty(shape, dtype)
-    assert array.shape == shape and array.dtype == dtype and array.flags.c_contiguous and array.flags.writeable
-    assert array.size == 0 or array.ctypes.data % 64 == 0   # an empty array has no bytes to place
+    want_shape = (int(shape),) if np.ndim(shape) == 0 and not isinstance(shape, tuple) else shape
+    assert array.shape == want_shape and array.dtype == dtype and array.flags.c_contiguous and array.flags.writeable
+    assert array.ctypes.data % 64 == 0
     array[...] = 1   # the whole view lies inside its buffer
     assert array.sum() == array.size
+
+
+@pytest.mark.parametrize("shape", [(-1,), (-1, 4), (3, -2)])
+def test_aligned_empty_rejects_negative_dimensions(shape):
+    with pytest.raises(ValueError, match="negative dimensions"):
+        aligned_empty(shape, np.float32)
+
+
+@pytest.mark.parametrize("alignment", [0, -64, 3, 6, 64.0])
+def test_aligned_empty_rejects_a_bad_alignment(alignment):
+    with pytest.raises(ValueError, match="alignment must be a positive multiple of 4"):
+        aligned_empty((4, 4), np.float32, alignment)
 
 
 @pytest.mark.parametrize("dtype", ROW_DTYPES)

@@ -15,8 +15,9 @@ class TableBatch:
     """Many embedding tables looked up in one pass (FBGEMM's table-batched embeddings).
 
     Tables may differ in R, D and dtype; they must all live on the host or all on one
-    CUDA device. Tables are read in place: host rows that start a 64-byte line (quantize_rows
-    output, torch tensors, aligned_empty) read fewer lines than NumPy's placement (see README).
+    CUDA device. Tables are read in place: a host table that starts on a 64-byte line (new
+    quantize_rows storage, torch tensors, aligned_empty) reads fewer lines than one where
+    NumPy puts it (see README).
     Backends may keep derived layouts (packed buffers, pointer arrays) in `prepared`, built
     once under `lock`.
     """

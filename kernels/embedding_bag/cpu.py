@@ -37,6 +37,8 @@ from ..quantize_rows import has_contiguous_rows
 
 DTYPE_CODES = {"fp32": 0, "fp16": 1, "bf16": 2, "int8": 3, "int4": 4}
 POOLING_CODES = {"sum": 0, "mean": 1, "max": 2}
+# The columns of a table's description, the C kernel's EB_DATA..EB_QPARAMS_STRIDE.
+DESCRIPTION_COLUMNS = ("data", "qparams", "dtype", "rows", "dim", "row_bytes", "column", "qparams_stride")
 HAS_AVX512 = _embedding_bag.has_avx512()
 
 
@@ -84,7 +86,7 @@ def _prepare(batch):
     with batch.lock:
         prepared = batch.prepared.get("cpu")
         if prepared is None:
-            arrays, description, column = [], np.zeros((batch.num_tables, 8), np.int64), 0
+            arrays, description, column = [], np.zeros((batch.num_tables, len(DESCRIPTION_COLUMNS)), np.int64), 0
             for t, table in enumerate(batch.tables):
                 host = table.numpy()
                 rows, dim = table.shape

@@ -137,7 +137,8 @@ def as_row_table(table, name="table"):
 def quantize_rows(weights, dtype):
     """Store a float (R, D) table as `dtype`: "fp32", "fp16", "bf16", "int8" or "int4".
 
-    Returns a RowTable on the same kind of array and device as `weights`.
+    Returns a RowTable on the same kind of array and device as `weights`. On the host, new
+    storage starts a cache line (aligned_empty); fp32 of a row-major float32 array is that array.
     """
     check_choice("dtype", dtype, ROW_DTYPES)
     kind = check_array("weights", weights, 2, ("float32", "float16", "bfloat16", "float64"))

@@ -75,7 +75,11 @@ def _bf16_kernel(bits32, out):
 def quantize(weights, dtype):
     """float (R, D) NumPy -> (data, scale, bias) in the layout of `dtype`, as reference.quantize."""
     if dtype == "fp32":
-        return np.ascontiguousarray(weights, dtype=np.float32), None, None
+        if weights.dtype == np.float32 and weights.flags.c_contiguous:
+            return weights, None, None   # the caller's table, read in place
+        out = aligned_empty(weights.shape, np.float32)
+        out[...] = weights
+        return out, None, None
     if dtype == "fp16":
         out = aligned_empty(weights.shape, np.float16)
         if weights.dtype != np.float32:
