@@ -1,28 +1,32 @@
 """What bounds the CPU embedding lookup (issue 3): row placement and the int8 line ceiling.
 
-    python -m bench.cpu_embedding_probe
+    python -m bench.cpu_embedding_probe [large|dlrm]
 
-Shape: the embedding group's large shape (R = 2M, D = 64, B = 2048, L = 32, sum), 2 threads,
+Shapes: the embedding group's large shape (R = 2M, D = 64, B = 2048, L = 32, sum; the default)
+or its DLRM-like tables (`dlrm`: 26 tables, against torch's per-table loop), 2 threads,
 OMP_WAIT_POLICY=PASSIVE as bench.protocol sets. Each case is timed back to back (the same call
 32 times in a row) and alternated with torch's fp32 call on the same logical table (40 pairs,
 torch first, ours on another index set, so that it finds none of torch's rows in cache; the
 benchmark alternates who goes first and gives both the same set), median ms and the median
 per-pair ratio (torch / ours).
 
-- fp32, a table that starts a cache line against one 16 bytes past a line (where np.empty puts
-  a large array): 4 lines a 256-byte row against 5, for both sides.
+- fp32 (large only), a table that starts a cache line against one 16 bytes past a line (where
+  np.empty puts a large array): 4 lines a 256-byte row against 5, for both sides.
 - int8 rows (quantize_rows: codes on a line, 1 line a row, plus the row's (scale, bias) from
   the side-by-side qparams copy, a second line), and the same call with every row reading row
-  0's qparams (qparams stride 0, so always in L1): what any layout of one line a row could do.
+  0's qparams (qparams stride 0, so always in L1): what any layout of one line of codes a row
+  could do (two lines at D = 128).
 """
 import statistics
+import sys
 
 import numpy as np
 import torch
 
+from bench.compare_embedding import random_table, torch_bag
 from bench.protocol import THREADS, _timed, set_threads
 from recscore.bindings import _embedding_bag
-from recscore.kernels import TableBatch, aligned_empty, quantize_rows
+from recscore.kernels import TableBatch, quantize_rows
 from recscore.kernels.embedding_bag import cpu as cpu_lookup
 
 ROWS, DIM, B, L = 2_000_000, 64, 2048, 32
@@ -46,10 +50,24 @@ def alternated(peer, ours, pairs=40):
         p / o for p, o in zip(peer_ms, our_ms))
 
 
-def main():
-    set_threads()
-    rng = np.random.default_rng(0)
-    aligned = rng.standard_normal((ROWS, DIM), dtype=np.float32, out=aligned_empty((ROWS, DIM), np.float32))
+def int8_calls(batch, index_sets, offsets, bags, columns):
+    """The int8 batch's C kernel as is, and with every row reading its table's row-0 qparams."""
+    _, description, _ = cpu_lookup._prepare(batch)
+    row0_qparams = description.copy()
+    row0_qparams[:, cpu_lookup.DESCRIPTION_COLUMNS.index("qparams_stride")] = 0
+    out = np.empty((bags, columns), np.float32)
+
+    def call(tables):
+        def run(i):
+            return _embedding_bag.lookup(tables, index_sets[i], offsets, None, bags, cpu_lookup.POOLING_CODES["sum"],
+                                         True, out, THREADS, not cpu_lookup.HAS_AVX512)
+        run.batch = batch   # holds the buffers whose addresses `tables` lists
+        return run
+    return call(description), call(row0_qparams)
+
+
+def large_cases(rng):
+    aligned = random_table(rng, ROWS, DIM)
     numpy_placed = np.empty_like(aligned)
     numpy_placed[...] = aligned
     index_sets = [rng.integers(0, ROWS, B * L) for _ in range(N_SETS)]
@@ -58,30 +76,49 @@ def main():
     torch_offsets = torch.from_numpy(offsets[:-1])
 
     def torch_call(table):
-        bag = torch.nn.EmbeddingBag.from_pretrained(torch.from_numpy(table), freeze=True, mode="sum")
+        bag = torch_bag(table)
         return lambda i: bag(torch_sets[i], torch_offsets)
 
     def our_call(table):
         batch = TableBatch([table])
         return lambda i: batch.lookup(index_sets[i], offsets)
 
-    int8 = TableBatch([quantize_rows(aligned, "int8")])
-    _, description, _ = cpu_lookup._prepare(int8)
-    row0_qparams = description.copy()
-    row0_qparams[0, cpu_lookup.DESCRIPTION_COLUMNS.index("qparams_stride")] = 0
-    out = np.empty((B, DIM), np.float32)
+    int8, int8_row0_qparams = int8_calls(TableBatch([quantize_rows(aligned, "int8")]), index_sets, offsets, B, DIM)
+    print(f"large: R={ROWS} D={DIM} B={B} L={L}, {THREADS} threads; aligned table at {aligned.ctypes.data % 64} "
+          f"bytes past a line, NumPy-placed at {numpy_placed.ctypes.data % 64}")
+    torch_aligned = torch_call(aligned)
+    return [("fp32 on a line", torch_aligned, our_call(aligned)),
+            ("fp32 NumPy-placed", torch_call(numpy_placed), our_call(numpy_placed)),
+            ("int8 rows (kernel only)", torch_aligned, int8),
+            ("int8, qparams always in L1", torch_aligned, int8_row0_qparams)]
 
-    def int8_call(tables):
-        return lambda i: _embedding_bag.lookup(tables, index_sets[i], offsets, None, B, cpu_lookup.POOLING_CODES["sum"],
-                                               True, out, THREADS, not cpu_lookup.HAS_AVX512)
 
-    print(f"R={ROWS} D={DIM} B={B} L={L}, {THREADS} threads; aligned table at {aligned.ctypes.data % 64} bytes "
-          f"past a line, NumPy-placed at {numpy_placed.ctypes.data % 64}")
-    torch_aligned, torch_placed = torch_call(aligned), torch_call(numpy_placed)
-    cases = [("fp32 on a line", torch_aligned, our_call(aligned)),
-             ("fp32 NumPy-placed", torch_placed, our_call(numpy_placed)),
-             ("int8 rows (kernel only)", torch_aligned, int8_call(description)),
-             ("int8, qparams always in L1", torch_aligned, int8_call(row0_qparams))]
+def dlrm_cases(rng):
+    """The embedding group's DLRM-like tables (its own draw of L), against the per-table torch loop."""
+    rows = np.geomspace(1_000, 4_000_000, 26).astype(np.int64)
+    dims = [128 if r < 100_000 else 64 for r in rows]
+    pooling_factors = rng.integers(1, 41, len(rows))
+    tables = [random_table(rng, int(r), d) for r, d in zip(rows, dims)]
+    offsets = np.concatenate([[0], np.cumsum(np.repeat(pooling_factors, B))]).astype(np.int64)
+    index_sets = [np.concatenate([rng.integers(0, r, B * f) for r, f in zip(rows, pooling_factors)])
+                  for _ in range(N_SETS)]
+    starts = offsets[::B]
+    bags = [torch_bag(t) for t in tables]
+    torch_inputs = [[(torch.from_numpy(s[starts[t]:starts[t + 1]]), torch.from_numpy(np.arange(0, B * f, f)))
+                     for t, f in enumerate(pooling_factors)] for s in index_sets]
+    int8, int8_row0_qparams = int8_calls(TableBatch([quantize_rows(t, "int8") for t in tables]), index_sets, offsets,
+                                         B, sum(dims))
+    print(f"DLRM-like: T={len(rows)} R=1k..4M D=64/128 B={B} L=1..40 (sum {pooling_factors.sum()}), {THREADS} threads")
+
+    def torch_loop(i):
+        return torch.cat([bag(indices, bag_starts) for bag, (indices, bag_starts) in zip(bags, torch_inputs[i])], dim=1)
+    return [("int8 rows (kernel only)", torch_loop, int8), ("int8, qparams always in L1", torch_loop, int8_row0_qparams)]
+
+
+def main(argv=None):
+    shape = (argv if argv is not None else sys.argv[1:]) or ["large"]
+    set_threads()
+    cases = {"large": large_cases, "dlrm": dlrm_cases}[shape[0]](np.random.default_rng(0))
     with torch.no_grad():
         for _, peer, ours in cases:
             for i in range(4):

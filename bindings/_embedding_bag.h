@@ -66,7 +66,7 @@ enum { EB_DATA, EB_QPARAMS, EB_DTYPE, EB_ROWS, EB_DIM, EB_ROW_BYTES, EB_COLUMN, 
  * of it. T0 alone at 16 rows (torch's scheme) is never faster in that state and never reaches
  * the fast one. All of this was measured on tables 16 bytes past a line, where NumPy puts
  * them; on tables that start a line the call after torch's is 1.0-1.2x slower than back to
- * back instead of 1.4-2.2x (bench/RESULTS.md). */
+ * back instead of 1.4-2.3x (bench/RESULTS.md). */
 #define EB_PREFETCH_BYTES 8192
 /* Tables above this (half the 32 MB L3 here, which the calls of other code share) are read
  * mostly from DRAM, where rows of at least EB_RETRY_MIN_BLOCK_BYTES get a second L2 prefetch,
