@@ -1,22 +1,25 @@
 """What bounds the CPU embedding lookup (issue 3): row placement and the int8 line ceiling.
 
-    python -m bench.cpu_embedding_probe [large|dlrm]
+    python -m bench.cpu_embedding_probe [large|small|dlrm|threads]
 
-Shapes: the embedding group's large shape (R = 2M, D = 64, B = 2048, L = 32, sum; the default)
-or its DLRM-like tables (`dlrm`: 26 tables, against torch's per-table loop), 2 threads,
+Shapes: the embedding group's large shape (R = 2M, D = 64, B = 2048, L = 32, sum; the default),
+its small one (R = 100k) or its DLRM-like tables (`dlrm`: 26 tables, against torch's per-table loop), 2 threads,
 OMP_WAIT_POLICY=PASSIVE as bench.protocol sets. Each case is timed back to back (the same call
 32 times in a row) and alternated with torch's fp32 call on the same logical table (40 pairs,
 torch first, ours on another index set, so that it finds none of torch's rows in cache; the
 benchmark alternates who goes first and gives both the same set), median ms and the median
 per-pair ratio (torch / ours).
 
-- fp32 (large only), a table that starts a cache line against one 16 bytes past a line (where
+- fp32 (one table), a table that starts a cache line against one 16 bytes past a line (where
   np.empty puts a large array): 4 lines a 256-byte row against 5, for both sides.
 - int8 rows (quantize_rows: codes on a line, 1 line a row, plus the row's (scale, bias) from
   the side-by-side qparams copy, a second line), and the same call with every row reading row
   0's qparams (qparams stride 0, so always in L1): what any layout of one line of codes a row
   could do (two lines at D = 128).
+- `threads`: our kernel alone on one and two threads (run it under OMP_WAIT_POLICY=PASSIVE and
+  =ACTIVE to see what the passive wake-up of the second thread costs).
 """
+import os
 import statistics
 import sys
 
@@ -66,11 +69,11 @@ def int8_calls(batch, index_sets, offsets, bags, columns):
     return call(description), call(row0_qparams)
 
 
-def large_cases(rng):
-    aligned = random_table(rng, ROWS, DIM)
+def single_table_cases(rng, rows):
+    aligned = random_table(rng, rows, DIM)
     numpy_placed = np.empty_like(aligned)
     numpy_placed[...] = aligned
-    index_sets = [rng.integers(0, ROWS, B * L) for _ in range(N_SETS)]
+    index_sets = [rng.integers(0, rows, B * L) for _ in range(N_SETS)]
     offsets = np.arange(0, B * L + 1, L, dtype=np.int64)
     torch_sets = [torch.from_numpy(s) for s in index_sets]
     torch_offsets = torch.from_numpy(offsets[:-1])
@@ -84,7 +87,7 @@ def large_cases(rng):
         return lambda i: batch.lookup(index_sets[i], offsets)
 
     int8, int8_row0_qparams = int8_calls(TableBatch([quantize_rows(aligned, "int8")]), index_sets, offsets, B, DIM)
-    print(f"large: R={ROWS} D={DIM} B={B} L={L}, {THREADS} threads; aligned table at {aligned.ctypes.data % 64} "
+    print(f"R={rows} D={DIM} B={B} L={L}, {THREADS} threads; aligned table at {aligned.ctypes.data % 64} "
           f"bytes past a line, NumPy-placed at {numpy_placed.ctypes.data % 64}")
     torch_aligned = torch_call(aligned)
     return [("fp32 on a line", torch_aligned, our_call(aligned)),
@@ -115,10 +118,35 @@ def dlrm_cases(rng):
     return [("int8 rows (kernel only)", torch_loop, int8), ("int8, qparams always in L1", torch_loop, int8_row0_qparams)]
 
 
+def thread_scaling(rng):
+    """Our kernel alone on 1 and 2 threads, back to back, on fp32 tables of 1000 rows (in L2: the
+    floor), the small and the large shape's: what waking and joining the second thread costs
+    under the run's OMP_WAIT_POLICY."""
+    print(f"OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}; ms, back to back")
+    for rows in (1_000, 100_000, ROWS):
+        table = random_table(rng, rows, DIM)
+        index_sets = [rng.integers(0, rows, B * L) for _ in range(N_SETS)]
+        offsets = np.arange(0, B * L + 1, L, dtype=np.int64)
+        batch = TableBatch([table])
+        _, description, _ = cpu_lookup._prepare(batch)
+        out = np.empty((B, DIM), np.float32)
+        times = {}
+        for threads in (1, 2, 1, 2):
+            def call(i):
+                return _embedding_bag.lookup(description, index_sets[i], offsets, None, B, cpu_lookup.POOLING_CODES["sum"],
+                                             True, out, threads, not cpu_lookup.HAS_AVX512)
+            times.setdefault(threads, []).append(back_to_back(call, 64))
+        print(f"R={rows}: " + ", ".join(f"{n} thread(s) {min(t):.3f}" for n, t in times.items()))
+
+
 def main(argv=None):
-    shape = (argv if argv is not None else sys.argv[1:]) or ["large"]
+    mode = (argv if argv is not None else sys.argv[1:]) or ["large"]
     set_threads()
-    cases = {"large": large_cases, "dlrm": dlrm_cases}[shape[0]](np.random.default_rng(0))
+    if mode[0] == "threads":
+        return thread_scaling(np.random.default_rng(0))
+    rng = np.random.default_rng(0)
+    cases = {"large": lambda: single_table_cases(rng, ROWS), "small": lambda: single_table_cases(rng, 100_000),
+             "dlrm": lambda: dlrm_cases(rng)}[mode[0]]()
     with torch.no_grad():
         for _, peer, ours in cases:
             for i in range(4):
