@@ -19,8 +19,8 @@ Shapes (B = 2048, 8 rotated index sets each, uniform random rows):
   on every call).
 Every table starts on a cache line (64 bytes), as torch's CPU allocator places an EmbeddingBag's
 own weight and quantize_rows its new storage; glibc's malloc, under NumPy, puts a large array 16
-bytes past a line, so that a 256-byte row spans 5 lines instead of 4. The "NumPy-placed" case (no target) runs the
-large fp32 shape on such a table, both sides reading it.
+bytes past a line, so that a 256-byte row spans 5 lines instead of 4. The "NumPy-placed" case
+(no target) runs the large fp32 shape on such a table, both sides reading it.
 Our side is the public API (embedding_bag / TableBatch.lookup, validation included). The "int8
 fused rows" cases (no target) store the same int8 tables as RowTables over one buffer of
 FBGEMM-layout rows (codes, scale, bias), which the CPU kernel reads in place: what quantize_rows
@@ -31,6 +31,7 @@ import torch
 
 from bench.protocol import Comparison
 from recscore.kernels import TableBatch, aligned_empty, embedding_bag, quantize_rows
+from recscore.kernels._backend import aligned_copy
 
 B = 2048
 N_SETS = 8
@@ -38,12 +39,6 @@ N_SETS = 8
 
 def random_table(rng, rows, dim):
     return rng.standard_normal((rows, dim), dtype=np.float32, out=aligned_empty((rows, dim), np.float32))
-
-
-def aligned_fp16(table):
-    out = aligned_empty(table.shape, np.float16)
-    out[...] = table
-    return out
 
 
 def torch_bag(table):
@@ -91,7 +86,7 @@ def single_table_cases(rng, name, rows, dim, pooling_factor, int8_target, online
                          ours_of(misaligned), peer_of(torch_bag(misaligned)), bytes_per_call=row_reads * dim * 4,
                          note=f"table {misaligned.ctypes.data % 64} bytes past a cache line, as np.empty placed it")
         del misaligned
-    table_fp16 = aligned_fp16(table)
+    table_fp16 = aligned_copy(table, np.float16)
     yield Comparison(f"{shape} fp16", "recscore cpu fp16", "torch.nn.EmbeddingBag fp16", ours_of(table_fp16),
                      peer_of(torch_bag(table_fp16)), target=1.0, bytes_per_call=row_reads * dim * 2)
     del table_fp16
@@ -157,7 +152,7 @@ def dlrm_cases(rng, quick, online_batches=()):
                      bytes_per_call=row_reads * (row_bytes + 8),
                      note="int8 codes, scale and bias in one row per table (FBGEMM's layout), as RowTables")
     del tables_int8, torch_fp32
-    tables_fp16 = [aligned_fp16(t) for t in tables]
+    tables_fp16 = [aligned_copy(t, np.float16) for t in tables]
     del tables
     yield Comparison(f"{shape} fp16", "recscore cpu TableBatch fp16", "torch.nn.EmbeddingBag fp16, per-table loop",
                      ours_of(tables_fp16), peer_of([torch_bag(t) for t in tables_fp16]), target=1.0,

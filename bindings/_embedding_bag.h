@@ -166,9 +166,9 @@ EB_AVX512 EB_INLINE __m512 eb_load(const int dtype, const uint8_t *row, const in
 /* Prefetch of every line that columns c0.. of row r touch: one per 64 bytes of vectors, and
  * the block's last byte when the row does not start a line (NumPy places big arrays 16 bytes
  * past one), plus the row's qparams. Skipping that redundant prefetch on rows that start a
- * line: 1.0-1.2x faster (alternated with torch, same process, D=64: 100k-row fp32/fp16 in three
- * runs each, 2M-row fp32/fp16/int8 in two each). `hint` is a constant once inlined, as the instruction
- * needs. */
+ * line: no slower, up to 1.2x faster (alternated with torch, same process, D=64: 100k-row
+ * fp32/fp16 in three runs each, 2M-row fp32/fp16/int8 in two each). `hint` is a constant once
+ * inlined, as the instruction needs. */
 EB_AVX512 EB_INLINE void eb_prefetch_row(const int dtype, const int nv, const enum _mm_hint hint, const uint8_t *data,
                                          const int64_t row_bytes, const int64_t block_bytes, const uint8_t *qparams,
                                          const int64_t qparams_stride, const int64_t r)

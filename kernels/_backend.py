@@ -149,6 +149,13 @@ def aligned_empty(shape, dtype, alignment=CACHE_LINE_BYTES):
     return np.ndarray(shape, dtype, buffer=raw, offset=-raw.ctypes.data % alignment)   # keeps `raw` alive
 
 
+def aligned_copy(array, dtype):
+    """array cast to dtype (NumPy's casting) in new storage that starts a cache line."""
+    out = aligned_empty(array.shape, dtype)
+    out[...] = array
+    return out
+
+
 def to_numpy(x):
     """A NumPy view of x (CUDA tensors are copied to the host); bf16 comes back as uint16 bits."""
     if isinstance(x, np.ndarray):
@@ -164,8 +171,7 @@ def to_numpy(x):
 
 def bf16_bits_to_float32(bits):
     """float32 values of bfloat16 bits, in new storage that starts a cache line (aligned_empty)."""
-    wide = aligned_empty(bits.shape, np.uint32)
-    wide[...] = bits
+    wide = aligned_copy(bits, np.uint32)
     wide <<= 16
     return wide.view(np.float32)
 

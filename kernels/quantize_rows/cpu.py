@@ -12,7 +12,7 @@ from numba import njit, prange, types
 from numba.extending import intrinsic
 
 from .. import _numba  # noqa: F401  (thread-safe threading layer, before any parallel kernel)
-from .._backend import aligned_empty
+from .._backend import aligned_copy, aligned_empty
 from .reference import QUANT_BITS
 
 
@@ -77,14 +77,11 @@ def quantize(weights, dtype):
     if dtype == "fp32":
         if weights.dtype == np.float32 and weights.flags.c_contiguous:
             return weights, None, None   # the caller's table, read in place
-        out = aligned_empty(weights.shape, np.float32)
-        out[...] = weights
-        return out, None, None
+        return aligned_copy(weights, np.float32), None, None
     if dtype == "fp16":
-        out = aligned_empty(weights.shape, np.float16)
         if weights.dtype != np.float32:
-            out[:] = weights
-            return out, None, None
+            return aligned_copy(weights, np.float16), None, None
+        out = aligned_empty(weights.shape, np.float16)
         _fp16_kernel(np.ascontiguousarray(weights), out.view(np.uint16))
         return out, None, None
     if dtype == "bf16":
