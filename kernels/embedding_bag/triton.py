@@ -2,9 +2,8 @@
 
 One program pools one bag of one table over a BLOCK_D slice of its columns, BLOCK_L indices
 at a time: a (BLOCK_L, BLOCK_D) tile of rows is loaded (contiguous along D, so row loads
-vectorise), dequantized in registers (int8/int4 codes * scale + bias, with sum and mean folding
-scale and bias into the row weights; fp16/bf16 widened),
-and reduced into a float32 accumulator.
+vectorise), dequantized in registers (int8/int4 codes * scale + bias, where sum and mean fold
+scale and bias into the row weights; fp16/bf16 widened), and reduced into a float32 accumulator.
 
 One launch for all dtypes, with no copy of any table: the tables are addressed as byte
 offsets from one base pointer (the first table's storage; all tables live on one device, in
