@@ -16,6 +16,10 @@ per-pair ratio (torch / ours).
   the side-by-side qparams copy, a second line), and the same call with every row reading row
   0's qparams (qparams stride 0, so always in L1): what any layout of one line of codes a row
   could do (two lines at D = 128).
+- fp32 with both sides reading rows in order (each call B * L consecutive rows from a random
+  start: the hardware prefetcher's best case) and rows drawn from the first 2048 rows only
+  (512 KB, held in L2): what each kernel does when random reads from the table's cache level
+  are not what bounds it.
 - `threads`: our kernel alone on one and two threads (run it under OMP_WAIT_POLICY=PASSIVE and
   =ACTIVE to see what the passive wake-up of the second thread costs).
 """
@@ -23,14 +27,15 @@ import os
 import statistics
 import sys
 
-import numpy as np
-import torch
+from bench.protocol import THREADS, _timed, set_threads  # first: it sets OMP_WAIT_POLICY before torch loads libgomp
 
-from bench.compare_embedding import random_table, torch_bag
-from bench.protocol import THREADS, _timed, set_threads
-from recscore.bindings import _embedding_bag
-from recscore.kernels import TableBatch, quantize_rows
-from recscore.kernels.embedding_bag import cpu as cpu_lookup
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from bench.compare_embedding import random_table, torch_bag  # noqa: E402
+from recscore.bindings import _embedding_bag  # noqa: E402
+from recscore.kernels import TableBatch, quantize_rows  # noqa: E402
+from recscore.kernels.embedding_bag import cpu as cpu_lookup  # noqa: E402
 
 ROWS, DIM, B, L = 2_000_000, 64, 2048, 32
 N_SETS = 8
@@ -74,17 +79,19 @@ def single_table_cases(rng, rows):
     numpy_placed = np.empty_like(aligned)
     numpy_placed[...] = aligned
     index_sets = [rng.integers(0, rows, B * L) for _ in range(N_SETS)]
+    in_order = [(rng.integers(0, rows) + np.arange(B * L)) % rows for _ in range(N_SETS)]
+    in_l2 = [rng.integers(0, 2048, B * L) for _ in range(N_SETS)]
     offsets = np.arange(0, B * L + 1, L, dtype=np.int64)
-    torch_sets = [torch.from_numpy(s) for s in index_sets]
     torch_offsets = torch.from_numpy(offsets[:-1])
 
-    def torch_call(table):
+    def torch_call(table, sets=index_sets):
         bag = torch_bag(table)
+        torch_sets = [torch.from_numpy(s) for s in sets]
         return lambda i: bag(torch_sets[i], torch_offsets)
 
-    def our_call(table):
+    def our_call(table, sets=index_sets):
         batch = TableBatch([table])
-        return lambda i: batch.lookup(index_sets[i], offsets)
+        return lambda i: batch.lookup(sets[i], offsets)
 
     int8, int8_row0_qparams = int8_calls(TableBatch([quantize_rows(aligned, "int8")]), index_sets, offsets, B, DIM)
     print(f"R={rows} D={DIM} B={B} L={L}, {THREADS} threads; aligned table at {aligned.ctypes.data % 64} "
@@ -93,7 +100,9 @@ def single_table_cases(rng, rows):
     return [("fp32 on a line", torch_aligned, our_call(aligned)),
             ("fp32 NumPy-placed", torch_call(numpy_placed), our_call(numpy_placed)),
             ("int8 rows (kernel only)", torch_aligned, int8),
-            ("int8, qparams always in L1", torch_aligned, int8_row0_qparams)]
+            ("int8, qparams always in L1", torch_aligned, int8_row0_qparams),
+            ("fp32, rows in order", torch_call(aligned, in_order), our_call(aligned, in_order)),
+            ("fp32, rows from the first 2048 (L2)", torch_call(aligned, in_l2), our_call(aligned, in_l2))]
 
 
 def dlrm_cases(rng):

@@ -9,8 +9,8 @@
  * already in flight when a bag ends. fp16 widens with vcvtph2ps,
  * bf16 with a 16-bit shift, int8/int4 codes are dequantized in registers: a row stands for
  * codes * scale + bias, so a weighted sum adds codes * (w * scale) per row and sum(w * bias)
- * once per bag. One specialised loop per (dtype, vectors, index width): the compiler unrolls
- * the vector loop and keeps the accumulators in registers.
+ * once per bag. One specialised loop per (dtype, vectors, index width, way of pooling): the
+ * compiler unrolls the vector loop and keeps the accumulators in registers.
  *
  * Work: the bags of all tables form one table-major sequence of T*B segments, cut into chunks
  * of equal estimated cost (indices weighted by row bytes, plus a per-bag cost) handed out one
@@ -184,13 +184,17 @@ EB_AVX512 EB_INLINE void eb_prefetch_row(const int dtype, const int nv, const en
         _mm_prefetch((const char *)qparams + r * qparams_stride, hint);
 }
 
+/* How a row joins the pooled row: add it, add it times (weight * scale) (weights or codes), or
+ * take the maximum. Each run's loop is specialised on it, so no row branches on the pooling. */
+enum { EB_ADD, EB_FMA, EB_TAKE_MAX };
+
 /* Adds the row at index position i to `acc` (and its bias to *bias_sum, a valid row to *count);
  * returns 1 when the index is bad (check set) and 0 otherwise. Prefetches the rows that
  * prefetch_rows and retry_rows (into L2) and prefetch_rows / 4 (into L1) positions ahead will
  * read. */
-EB_AVX512 EB_INLINE int eb_pool_position(const int dtype, const int nv, const int index64, const eb_run *run,
-                                         const int64_t i, const __mmask16 mask, const __mmask16 int4_mask,
-                                         __m512 *acc, float *bias_sum, int64_t *count)
+EB_AVX512 EB_INLINE int eb_pool_position(const int dtype, const int nv, const int index64, const int how,
+                                         const eb_run *run, const int64_t i, const __mmask16 mask,
+                                         const __mmask16 int4_mask, __m512 *acc, float *bias_sum, int64_t *count)
 {
     const int quantized = dtype == EB_INT8 || dtype == EB_INT4;
     const int64_t rows = run->rows, prefetch_rows = run->prefetch_rows, retry_rows = run->retry_rows;
@@ -220,7 +224,7 @@ EB_AVX512 EB_INLINE int eb_pool_position(const int dtype, const int nv, const in
     float qp[2] = { 1.0f, 0.0f };
     if (quantized)
         memcpy(qp, run->qparams + r * run->qparams_stride, 8);
-    if (run->pooling == EB_MAX) {
+    if (how == EB_TAKE_MAX) {
         const __m512 scale = _mm512_set1_ps(qp[0]), bias = _mm512_set1_ps(qp[1]);
         for (int v = 0; v < nv; v++) {
             __m512 x = eb_load(dtype, row, v, v == nv - 1, mask, int4_mask);
@@ -228,7 +232,7 @@ EB_AVX512 EB_INLINE int eb_pool_position(const int dtype, const int nv, const in
                 x = _mm512_fmadd_ps(x, scale, bias);
             acc[v] = _mm512_max_ps(acc[v], x);
         }
-    } else if (run->weights || quantized) {
+    } else if (how == EB_FMA) {
         const float alpha = run->weights ? run->weights[i] : 1.0f;
         *bias_sum += alpha * qp[1];
         const __m512 a = _mm512_set1_ps(alpha * qp[0]);
@@ -244,7 +248,8 @@ EB_AVX512 EB_INLINE int eb_pool_position(const int dtype, const int nv, const in
 /* Pools the run; returns the position of a bad index (check set), else -1. Even and odd
  * positions of a bag go to two sets of accumulators, summed at the bag's end: two independent
  * add chains per vector, so in-cache rows are not bound by the add latency. */
-EB_AVX512 EB_INLINE int64_t eb_run_avx512(const int dtype, const int nv, const int index64, const eb_run *run)
+EB_AVX512 EB_INLINE int64_t eb_run_bags(const int dtype, const int nv, const int index64, const int how,
+                                        const eb_run *run)
 {
     const int64_t tail = run->columns - 16 * (nv - 1);   /* 1..16 columns in the last vector */
     const __mmask16 mask = (__mmask16)((1u << tail) - 1);
@@ -260,12 +265,12 @@ EB_AVX512 EB_INLINE int64_t eb_run_avx512(const int dtype, const int nv, const i
             even[v] = odd[v] = _mm512_set1_ps(pooling == EB_MAX ? -__builtin_inff() : 0.0f);
         int64_t i = start;
         for (; i + 1 < end; i += 2) {
-            if (eb_pool_position(dtype, nv, index64, run, i, mask, int4_mask, even, &bias_sum, &count))
+            if (eb_pool_position(dtype, nv, index64, how, run, i, mask, int4_mask, even, &bias_sum, &count))
                 return i;
-            if (eb_pool_position(dtype, nv, index64, run, i + 1, mask, int4_mask, odd, &bias_sum, &count))
+            if (eb_pool_position(dtype, nv, index64, how, run, i + 1, mask, int4_mask, odd, &bias_sum, &count))
                 return i + 1;
         }
-        if (i < end && eb_pool_position(dtype, nv, index64, run, i, mask, int4_mask, even, &bias_sum, &count))
+        if (i < end && eb_pool_position(dtype, nv, index64, how, run, i, mask, int4_mask, even, &bias_sum, &count))
             return i;
         const __m512 bias = _mm512_set1_ps(bias_sum);
         const __m512 scale = _mm512_set1_ps(count == 0 ? 0.0f : pooling == EB_MEAN ? 1.0f / (float)count : 1.0f);
@@ -281,6 +286,23 @@ EB_AVX512 EB_INLINE int64_t eb_run_avx512(const int dtype, const int nv, const i
         }
     }
     return -1;
+}
+
+/* One bag loop per way of pooling, reading the run's fields from a local copy: the compiler
+ * keeps them in registers instead of reloading them through `run` for every row, and no row
+ * branches on the pooling or the weights. Measured, D=64 fp32, B=2048, L=32, the kernel alone
+ * on one thread, alternated builds: 1000-row table (in L2, no prefetches) 0.32-0.34 ->
+ * 0.15-0.19 ms; 2048 hot rows of a 100k-row table (prefetched) 0.44 -> 0.33 ms. The embedding
+ * group's small fp32 case, five runs of each build: median ratio 1.17-1.28x -> 1.09-1.69x
+ * (medians 1.25x -> 1.34x). */
+EB_AVX512 EB_INLINE int64_t eb_run_avx512(const int dtype, const int nv, const int index64, const eb_run *run)
+{
+    const eb_run local = *run;
+    if (local.pooling == EB_MAX)
+        return eb_run_bags(dtype, nv, index64, EB_TAKE_MAX, &local);
+    if (local.weights || dtype == EB_INT8 || dtype == EB_INT4)
+        return eb_run_bags(dtype, nv, index64, EB_FMA, &local);
+    return eb_run_bags(dtype, nv, index64, EB_ADD, &local);
 }
 
 typedef int64_t (*eb_run_fn)(const eb_run *);
