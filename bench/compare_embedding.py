@@ -20,7 +20,10 @@ Shapes (B = 2048, 8 rotated index sets each, uniform random rows):
 Every table starts on a cache line (64 bytes), as torch's CPU allocator places an EmbeddingBag's
 own weight and quantize_rows its new storage; glibc's malloc, under NumPy, puts a large array 16
 bytes past a line, so that a 256-byte row spans 5 lines instead of 4. The "NumPy-placed" case
-(no target) runs the large fp32 shape on such a table, both sides reading it.
+(no target) runs the large fp32 shape on such a table, both sides reading it. The "skewed rows"
+case (no target) draws the large shape's rows with P(rank k) ~ 1/k over a random permutation of
+the table (log-uniform ranks: the hottest 1% of rows take about 70% of the reads), as real
+sparse features do: most reads hit cached rows.
 Our side is the public API (embedding_bag / TableBatch.lookup, validation included). The "int8
 fused rows" cases (no target) store the same int8 tables as RowTables over one buffer of
 FBGEMM-layout rows (codes, scale, bias), which the CPU kernel reads in place: what quantize_rows
@@ -47,6 +50,12 @@ def torch_bag(table):
     bag = torch.nn.EmbeddingBag.from_pretrained(weight, freeze=True, mode="sum")
     assert bag.weight.data_ptr() == table.ctypes.data, "EmbeddingBag copied the table"
     return bag
+
+
+def skewed_rows(rng, rows, n):
+    """n row indices with P(rank k) ~ 1/k (k = 1..rows), the ranks scattered over the table."""
+    ranks = np.floor(np.exp(rng.random(n) * np.log(rows + 1))).astype(np.int64) - 1
+    return rng.permutation(rows)[np.minimum(ranks, rows - 1)]
 
 
 def single_table_cases(rng, name, rows, dim, pooling_factor, int8_target, online_batches=(), numpy_placed=False):
@@ -86,6 +95,10 @@ def single_table_cases(rng, name, rows, dim, pooling_factor, int8_target, online
                          ours_of(misaligned), peer_of(torch_bag(misaligned)), bytes_per_call=row_reads * dim * 4,
                          note=f"table {misaligned.ctypes.data % 64} bytes past a cache line, as np.empty placed it")
         del misaligned
+        skewed_sets = [skewed_rows(rng, rows, row_reads) for _ in range(N_SETS)]
+        yield Comparison(f"{shape} fp32, skewed rows", "recscore cpu fp32", "torch.nn.EmbeddingBag fp32",
+                         ours_of(table, skewed_sets), peer_of(torch_bag(table), [torch.from_numpy(s) for s in skewed_sets]),
+                         bytes_per_call=row_reads * dim * 4, note="P(rank k) ~ 1/k: most reads hit cached rows")
     table_fp16 = aligned_copy(table, np.float16)
     yield Comparison(f"{shape} fp16", "recscore cpu fp16", "torch.nn.EmbeddingBag fp16", ours_of(table_fp16),
                      peer_of(torch_bag(table_fp16)), target=1.0, bytes_per_call=row_reads * dim * 2)
