@@ -51,11 +51,14 @@ enum { EB_DATA, EB_QPARAMS, EB_DTYPE, EB_ROWS, EB_DIM, EB_ROW_BYTES, EB_COLUMN, 
  * against 156-242 us; fp16 B=256 179 against 194 us; two threads win from B=512 (fp16 cost
  * 3.3M: 294 against 269 us). */
 #define EB_PARALLEL_MIN_COST (3 << 20)
-/* Rows are prefetched twice: about EB_PREFETCH_BYTES ahead into L2 (hint T1), and a quarter of
- * that ahead into L1 (T0). Measured one thread, D=64 fp32, 2M-row table, against T1 alone and
- * T0 alone at FBGEMM's distance (8 rows): 1.2-1.3x and 1.5x faster where the table's memory is
- * fast to reach, equal or slightly faster where it is slow (where its pages lie decides which:
- * a VM effect). 4-16 KB ahead were alike.
+/* Rows are prefetched about EB_PREFETCH_BYTES ahead into L2 (hint T1); 4-16 KB ahead were
+ * alike. A second prefetch a quarter as far ahead into L1 (T0) was dropped: on tables that start
+ * a line, the group alternated without it and with it (eight runs each, D=64) was as fast or
+ * faster on every case but one, in run medians: large fp32 1.68x against 1.64x torch, fp16 1.50
+ * against 1.37, int8 2.58 against 2.34, skewed rows 1.31 against 1.15, DLRM-like fp32 1.89
+ * against 1.77; DLRM-like fp16 1.59 against 1.69. Four prefetches fewer a 256-byte row also cost
+ * less where rows are cached. (On NumPy-placed tables, one thread, the pair had measured
+ * 1.2-1.5x faster than either alone.)
  * What decides it is the traffic of the previous few milliseconds, not the table: a call that
  * follows calls of this kernel runs 1.6x faster (one thread, 2M rows: 1.6 vs 2.6 ms) than one
  * that follows a call reading the table without T1 prefetches (torch's EmbeddingBag, or this
@@ -88,7 +91,7 @@ enum { EB_DATA, EB_QPARAMS, EB_DTYPE, EB_ROWS, EB_DIM, EB_ROW_BYTES, EB_COLUMN, 
 #define EB_RETRY_MIN_BLOCK_BYTES 128
 /* Tables up to this size stay in L2 (1 MB a core here) once warm: prefetches there only cost
  * issue slots (on 1000-row tables, one thread: D=64 fp16 and int8 1.3x, D=128 fp32 1.2-1.6x
- * faster without). Tables of 1-16 MB, mostly in L3, keep the two-level prefetch: FBGEMM's one
+ * faster without). Tables of 1-16 MB, mostly in L3, kept the L2 + L1 prefetch then: FBGEMM's one
  * L1 prefetch 16 rows ahead is 1.05-1.35x faster there back to back (D=64 fp16/int8/fp32,
  * D=128 fp32; one and two threads) but slower alternated with torch, as the benchmark runs
  * (A/B of the group, three runs each: 100k-row int8 2.1-2.4x -> 1.5-1.7x torch, DLRM-like
@@ -163,13 +166,12 @@ EB_AVX512 EB_INLINE __m512 eb_load(const int dtype, const uint8_t *row, const in
     }
 }
 
-/* Prefetch of every line that columns c0.. of row r touch: one per 64 bytes of vectors, and
+/* L2 prefetch of every line that columns c0.. of row r touch: one per 64 bytes of vectors, and
  * the block's last byte when the row does not start a line (NumPy places big arrays 16 bytes
  * past one), plus the row's qparams. Skipping that redundant prefetch on rows that start a
  * line: no slower, up to 1.2x faster (alternated with torch, same process, D=64: 100k-row
- * fp32/fp16 in three runs each, 2M-row fp32/fp16/int8 in two each). `hint` is a constant once
- * inlined, as the instruction needs. */
-EB_AVX512 EB_INLINE void eb_prefetch_row(const int dtype, const int nv, const enum _mm_hint hint, const uint8_t *data,
+ * fp32/fp16 in three runs each, 2M-row fp32/fp16/int8 in two each). */
+EB_AVX512 EB_INLINE void eb_prefetch_row(const int dtype, const int nv, const uint8_t *data,
                                          const int64_t row_bytes, const int64_t block_bytes, const uint8_t *qparams,
                                          const int64_t qparams_stride, const int64_t r)
 {
@@ -177,11 +179,11 @@ EB_AVX512 EB_INLINE void eb_prefetch_row(const int dtype, const int nv, const en
     const char *row = (const char *)data + r * row_bytes;
     for (int v = 0; v < nv; v++)
         if (v * vector_bytes % 64 == 0)
-            _mm_prefetch(row + v * vector_bytes, hint);
+            _mm_prefetch(row + v * vector_bytes, _MM_HINT_T1);
     if ((uintptr_t)row % 64)
-        _mm_prefetch(row + block_bytes - 1, hint);
+        _mm_prefetch(row + block_bytes - 1, _MM_HINT_T1);
     if (dtype == EB_INT8 || dtype == EB_INT4)
-        _mm_prefetch((const char *)qparams + r * qparams_stride, hint);
+        _mm_prefetch((const char *)qparams + r * qparams_stride, _MM_HINT_T1);
 }
 
 /* How a row joins the pooled row: add it, add it times (weight * scale) (weights or codes), or
@@ -189,9 +191,8 @@ EB_AVX512 EB_INLINE void eb_prefetch_row(const int dtype, const int nv, const en
 enum { EB_ADD, EB_FMA, EB_TAKE_MAX };
 
 /* Adds the row at index position i to `acc` (and its bias to *bias_sum, a valid row to *count);
- * returns 1 when the index is bad (check set) and 0 otherwise. Prefetches the rows that
- * prefetch_rows and retry_rows (into L2) and prefetch_rows / 4 (into L1) positions ahead will
- * read. */
+ * returns 1 when the index is bad (check set) and 0 otherwise. Prefetches into L2 the rows that
+ * prefetch_rows and retry_rows positions ahead will read. */
 EB_AVX512 EB_INLINE int eb_pool_position(const int dtype, const int nv, const int index64, const int how,
                                          const eb_run *run, const int64_t i, const __mmask16 mask,
                                          const __mmask16 int4_mask, __m512 *acc, float *bias_sum, int64_t *count)
@@ -201,20 +202,13 @@ EB_AVX512 EB_INLINE int eb_pool_position(const int dtype, const int nv, const in
     if (i + prefetch_rows < run->prefetch_end) {
         const int64_t far = eb_index(run->indices, index64, i + prefetch_rows);
         if ((uint64_t)far < (uint64_t)rows)
-            eb_prefetch_row(dtype, nv, _MM_HINT_T1, run->data, run->row_bytes, run->block_bytes, run->qparams,
-                            run->qparams_stride, far);
+            eb_prefetch_row(dtype, nv, run->data, run->row_bytes, run->block_bytes, run->qparams, run->qparams_stride, far);
     }
     if (retry_rows && i + retry_rows < run->prefetch_end) {
         const int64_t again = eb_index(run->indices, index64, i + retry_rows);
         if ((uint64_t)again < (uint64_t)rows)
-            eb_prefetch_row(dtype, nv, _MM_HINT_T1, run->data, run->row_bytes, run->block_bytes, run->qparams,
-                            run->qparams_stride, again);
-    }
-    if (i + prefetch_rows / 4 < run->prefetch_end) {
-        const int64_t near = eb_index(run->indices, index64, i + prefetch_rows / 4);
-        if ((uint64_t)near < (uint64_t)rows)
-            eb_prefetch_row(dtype, nv, _MM_HINT_T0, run->data, run->row_bytes, run->block_bytes, run->qparams,
-                            run->qparams_stride, near);
+            eb_prefetch_row(dtype, nv, run->data, run->row_bytes, run->block_bytes, run->qparams, run->qparams_stride,
+                            again);
     }
     const int64_t r = eb_index(run->indices, index64, i);
     if ((uint64_t)r >= (uint64_t)rows)

@@ -3,8 +3,9 @@
 
 Why C and not Numba (the previous kernel): the FBGEMM-style row loop needs the pooled row held
 in zmm registers across a bag, masked loads for any D, and software prefetches per row (into
-L2 far ahead, again half as far for rows of 128+ bytes in tables over half the L3, into L1
-near) across bag boundaries. Numba kept the accumulator in memory, cost 13 cycles a row in cache against FBGEMM's 9 and 102 ns a row from DRAM against 67, and
+L2 far ahead, again half as far for rows of 128+ bytes in tables over half the L3) across bag
+boundaries. Numba kept the accumulator in memory, cost 13 cycles a row in cache against FBGEMM's
+9 and 102 ns a row from DRAM against 67, and
 compiled for 22-25 s per index dtype on a cold cache. The C kernel takes 2.4 ns a row in cache
 (D=64 fp32, as torch) and, on one thread from DRAM, 24-28 ns after calls of its own (18 ns with
 the second L2 prefetch; torch 38-40) but 38-42 ns right after a torch call (see EB_PREFETCH_BYTES
