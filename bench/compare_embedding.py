@@ -97,7 +97,8 @@ def single_table_cases(rng, name, rows, dim, pooling_factor, int8_target, online
         del misaligned
         skewed_sets = [skewed_rows(rng, rows, row_reads) for _ in range(N_SETS)]
         yield Comparison(f"{shape} fp32, skewed rows", "recscore cpu fp32", "torch.nn.EmbeddingBag fp32",
-                         ours_of(table, skewed_sets), peer_of(torch_bag(table), [torch.from_numpy(s) for s in skewed_sets]),
+                         ours_of(table, skewed_sets),
+                         peer_of(torch_bag(table), [torch.from_numpy(s) for s in skewed_sets]),
                          bytes_per_call=row_reads * dim * 4, note="P(rank k) ~ 1/k: most reads hit cached rows")
     table_fp16 = aligned_copy(table, np.float16)
     yield Comparison(f"{shape} fp16", "recscore cpu fp16", "torch.nn.EmbeddingBag fp16", ours_of(table_fp16),

@@ -51,7 +51,8 @@ def main(bag_counts):
     print(f"device-to-device copy: {copy:.0f} GB/s (read + write)")
     print("| B | row bytes | rows a program | warps | via offsets | us a call | G rows/s | GB/s of rows | % of copy |\n"
           "|---:|---:|---:|---:|---|---:|---:|---:|---:|")
-    tables = {row_bytes: torch.randint(-2**31, 2**31 - 1, (TABLE_ROWS, row_bytes // 4), dtype=torch.int32, device="cuda")
+    tables = {row_bytes: torch.randint(-2**31, 2**31 - 1, (TABLE_ROWS, row_bytes // 4), dtype=torch.int32,
+                                       device="cuda")
               for row_bytes in (64, 256)}
     qparams = torch.randint(-2**31, 2**31 - 1, (TABLE_ROWS, 2), dtype=torch.int32, device="cuda")
     for bags in bag_counts:
@@ -61,7 +62,8 @@ def main(bag_counts):
         empty_out = torch.empty(bags, dtype=torch.int32, device="cuda")
         empty_us = graph_time_us(lambda i: _empty_kernel[(bags,)](empty_out, num_warps=1), N_SETS)
         print(f"| {bags} | empty kernel, {bags} programs | | 1 | | {empty_us:.1f} | | | |", flush=True)
-        for row_bytes, table, has_qparams in ((64, tables[64], False), (64, tables[64], True), (256, tables[256], False)):
+        for row_bytes, has_qparams in ((64, False), (64, True), (256, False)):
+            table = tables[row_bytes]
             for rows, warps, via_offsets in ((8, 1, False), (32, 1, False), (32, 4, False), (128, 4, False),
                                              (32, 1, True), (32, 4, True)):
                 out = torch.empty(n_rows // rows, dtype=torch.int32, device="cuda")
@@ -77,8 +79,9 @@ def main(bag_counts):
                     expected += qparams[last].view(-1, rows * 2).sum(1, dtype=torch.int32)
                 assert torch.equal(out, expected), "the gather read the wrong rows"
                 gbps = n_rows * (row_bytes + 8 * has_qparams) / us / 1e3
-                print(f"| {bags} | {row_bytes}{' + 8' if has_qparams else ''} | {rows} | {warps} | {'yes' if via_offsets else 'no'} | {us:.1f} "
-                      f"| {n_rows / us / 1e3:.2f} | {gbps:.0f} | {100 * gbps / copy:.0f}% |", flush=True)
+                print(f"| {bags} | {row_bytes}{' + 8' if has_qparams else ''} | {rows} | {warps} "
+                      f"| {'yes' if via_offsets else 'no'} | {us:.1f} | {n_rows / us / 1e3:.2f} | {gbps:.0f} "
+                      f"| {100 * gbps / copy:.0f}% |", flush=True)
 
 
 if __name__ == "__main__":
