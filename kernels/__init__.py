@@ -4,6 +4,7 @@ The backend follows the data: NumPy arrays and CPU tensors run the CPU kernels
 (Numba/Cython), CUDA tensors run the Triton kernels; `use_backend` forces one.
 """
 from ._backend import BACKENDS, aligned_empty, use_backend
+from ._cpu import cpu_info, use_cpu_level
 from .embedding_bag import TableBatch, embedding_bag
 from .qmatmul import QuantizedMatrix, qmatmul, quantize_matrix
 from .quantize_rows import RowTable, quantize_rows
@@ -16,10 +17,12 @@ __all__ = [
     "RowTable",
     "TableBatch",
     "aligned_empty",
+    "cpu_info",
     "embedding_bag",
     "qmatmul",
     "quantize_matrix",
     "quantize_rows",
     "topk",
     "use_backend",
+    "use_cpu_level",
 ]

@@ -5,6 +5,8 @@ import zlib
 import numpy as np
 import pytest
 
+from recscore.kernels._cpu import DETECTED, LEVELS, supported_levels, use_cpu_level
+
 try:
     import torch
     HAS_CUDA = torch.cuda.is_available()
@@ -25,3 +27,13 @@ def triton_device():
 def rng(request):
     """A fresh generator per test, seeded from the test's name so failures reproduce."""
     return np.random.default_rng(zlib.crc32(request.node.nodeid.encode()))
+
+
+@pytest.fixture(params=LEVELS)
+def cpu_level(request):
+    """Runs the test once per CPU vector level, the CPU kernels called in it at that level; levels
+    this CPU lacks are skipped with the reason."""
+    if request.param not in supported_levels():
+        pytest.skip(f"this CPU runs at most {LEVELS[DETECTED]}, not {request.param}")
+    with use_cpu_level(request.param):
+        yield request.param
