@@ -184,6 +184,9 @@ def machine_info():
             "python": platform.python_version(), "numpy": numpy.__version__, "threads": THREADS,
             "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    from recscore.kernels import cpu_info
+    cpu = cpu_info()
+    info["cpu_model"], info["cpu_level"], info["cpu_detected"] = cpu["model"], cpu["level"], cpu["detected"]
     for mod in ("numba", "torch", "triton", "faiss"):
         try:
             info[mod] = __import__(mod).__version__
@@ -213,23 +216,30 @@ def markdown_table(rows):
     return "\n".join(lines)
 
 
+def result_name(group, info):
+    """CPU groups are recorded once per kernel level (RECSCORE_CPU caps it): `<group>-<level>`."""
+    return group if "copy_gbps" in info or group.startswith("gpu_") else f"{group}-{info['cpu_level']}"
+
+
 def update_results_md(group, rows, info):
     """Replace the block between this group's markers in RESULTS.md (appending it if new)."""
-    begin, end = f"<!-- BEGIN {group} -->", f"<!-- END {group} -->"
+    name = result_name(group, info)
+    begin, end = f"<!-- BEGIN {name} -->", f"<!-- END {name} -->"
     versions = ", ".join(f"{k} {info[k]}" for k in ("python", "numpy", "numba", "torch", "triton", "faiss", "cuda")
                          if k in info)
-    where = f"{info['cpus']} CPUs ({info['machine']}), {THREADS} threads, OMP_WAIT_POLICY={info.get('omp_wait_policy')}"
+    where = (f"{info.get('cpu_model')} ({info['cpus']} CPUs, detected {info.get('cpu_detected')}), recscore kernels at "
+             f"level **{info.get('cpu_level')}**, {THREADS} threads, OMP_WAIT_POLICY={info.get('omp_wait_policy')}")
     if "copy_gbps" in info:
         where = (f"{info['gpu']}, CUDA events, device-to-device copy {info['copy_gbps']:.0f} GB/s (read + write) "
                  f"in the same run; host {where}")
     block = (f"{begin}\n_Measured {info['date']} on {where}; "
-             f"{versions}. Raw numbers: `bench/results/{group}.json`._\n\n{markdown_table(rows)}\n{end}")
+             f"{versions}. Raw numbers: `bench/results/{result_name(group, info)}.json`._\n\n{markdown_table(rows)}\n{end}")
     text = RESULTS_MD.read_text() if RESULTS_MD.exists() else "# Benchmark results\n"
     if begin in text:
         head, rest = text.split(begin, 1)
         text = head + block + rest.split(end, 1)[1]
     else:
-        text = text.rstrip("\n") + f"\n\n## {group}\n\n{block}\n"
+        text = text.rstrip("\n") + f"\n\n## {name}\n\n{block}\n"
     RESULTS_MD.write_text(text)
 
 
@@ -254,6 +264,6 @@ def run_group(group, quick=False, write=True, only=None):
         print(markdown_table([row]).splitlines()[-1], flush=True)
     if write and not quick:
         (BENCH_DIR / "results").mkdir(exist_ok=True)
-        (BENCH_DIR / "results" / f"{group}.json").write_text(json.dumps({"machine": info, "rows": rows}, indent=2))
+        (BENCH_DIR / "results" / f"{result_name(group, info)}.json").write_text(json.dumps({"machine": info, "rows": rows}, indent=2))
         update_results_md(group, rows, info)
     return rows
