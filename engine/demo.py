@@ -5,7 +5,7 @@ from collections import Counter
 import numpy as np
 from tqdm import tqdm
 
-from recscore.kernels import RowTable, aligned_empty, quantize_rows
+from recscore.kernels import RowTable, aligned_empty, cpu_info, quantize_rows
 
 from .datasets import hold_out_last, load_movielens, synthetic_catalogue
 from .evaluate import popularity_ranking, recall_ndcg
@@ -62,6 +62,11 @@ def quantize_with_progress(weights, dtype, chunk_rows=1 << 16):
                     join([p.scale for p in parts]), join([p.bias for p in parts]))
 
 
+def _print_cpu(out):
+    cpu = cpu_info()
+    out(f"CPU kernels: {cpu['model']}, level {cpu['level']} (detected {cpu['detected']}; RECSCORE_CPU caps it)")
+
+
 def _warm_up(catalogue, recommender, k, out):
     """Run once so kernel compilation (or loading it from the cache) is not billed to a request."""
     start = time.perf_counter()
@@ -70,6 +75,7 @@ def _warm_up(catalogue, recommender, k, out):
 
 
 def run_synthetic(k=10, dtype="fp32", out=print, progress=True):
+    _print_cpu(out)
     out(f"Building the synthetic catalogue (20,000 items with 32 latent factors, 2,000 users), rows as {dtype}")
     catalogue = synthetic_catalogue(progress=progress)
     table = quantize_with_progress(catalogue.item_factors, dtype)
@@ -80,6 +86,7 @@ def run_synthetic(k=10, dtype="fp32", out=print, progress=True):
 
 
 def run_movielens(path, k=10, dtype="fp32", rank=64, out=print):
+    _print_cpu(out)
     start = time.perf_counter()
     catalogue = load_movielens(path)
     out(f"MovieLens from {path}: {catalogue.num_users} users, {catalogue.num_items} movies, "

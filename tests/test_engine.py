@@ -11,6 +11,7 @@ from recscore.datasets import Catalogue, hold_out_last, load_movielens, syntheti
 from recscore.demo import run_movielens
 from recscore.evaluate import popularity_ranking, recall_ndcg
 from recscore.factorize import pure_svd
+from recscore.kernels import cpu_info
 from recscore.recommender import Recommender, histories_of
 
 MOVIELENS = Path(__file__).resolve().parents[2] / "shared" / "data" / "ml-latest-small"
@@ -78,6 +79,15 @@ def test_demo_runs_and_prints_recommendations():
     assert done.returncode == 0, done.stderr
     assert done.stdout.count("\nUser ") == 3
     assert " 10. " in done.stdout and "Latency, one user" in done.stdout
+    assert f"level {cpu_info()['level']}" in done.stdout
+
+
+def test_demo_runs_at_the_level_recscore_cpu_caps():
+    env = dict(os.environ, PYTHONIOENCODING="utf-8", RECSCORE_CPU="baseline")
+    done = subprocess.run([sys.executable, "-m", "recscore", "demo"], capture_output=True, text=True, env=env,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert "level baseline" in done.stdout and done.stdout.count("\nUser ") == 3
 
 
 def test_demo_reports_a_missing_dataset(tmp_path):
