@@ -4,7 +4,7 @@ A comparison times recscore ("ours") against a named peer on the same inputs: bo
 warm up on every input set, then run alternately (A, B, A, B, ...) over rotated input sets;
 the result is the median of the per-pair ratios peer_time / ours_time (> 1: we are faster)
 with its min and max. `run_group` runs a group's comparisons, writes
-bench/results/<group>.json and rewrites that group's table in bench/RESULTS.md.
+bench/results/<group>[-<cpu level>].json and regenerates bench/RESULTS.md (bench/report.py).
 
 A group is a module `bench/compare_<group>.py` with `comparisons(quick: bool)`, a generator
 of `Comparison`s (a generator, so each case's big inputs are built and freed in turn).
@@ -19,6 +19,9 @@ import time
 from pathlib import Path
 from typing import Callable, Optional
 
+from bench.report import markdown_table
+from bench.report import write as write_results_md
+
 # Two OpenMP runtimes live in one benchmark process (Numba's and torch's; FAISS brings a
 # third). With the default active wait, each runtime's idle threads spin after its call and
 # steal the two cores from the other side's next call, a cross-talk that only alternating
@@ -27,7 +30,6 @@ from typing import Callable, Optional
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 BENCH_DIR = Path(__file__).resolve().parent
-RESULTS_MD = BENCH_DIR / "RESULTS.md"
 THREADS = 2
 
 
@@ -202,45 +204,9 @@ def machine_info():
     return info
 
 
-def markdown_table(rows):
-    lines = ["| case | ours | peer | ours ms | peer ms | speedup median (min-max) | GB/s (ours) | target | met |",
-             "|---|---|---|---:|---:|---|---:|---:|---|"]
-    for r in rows:
-        gbps = f"{r['ours_gbps']:.1f}" if r.get("ours_gbps") else ""
-        if r.get("of_copy"):
-            gbps += f" ({100 * r['of_copy']:.0f}% of copy)"
-        target = f"{r['target']:g}x" if r["target"] else ""
-        met = {None: "", True: "yes", False: "**no**"}[r["met"]]
-        lines.append(f"| {r['name']} | {r['ours']} | {r['peer']} | {r['ours_median_ms']:.3f} | {r['peer_median_ms']:.3f} "
-                     f"| {r['ratio_median']:.2f}x ({r['ratio_min']:.2f}-{r['ratio_max']:.2f}) | {gbps} | {target} | {met} |")
-    return "\n".join(lines)
-
-
 def result_name(group, info):
     """CPU groups are recorded once per kernel level (RECSCORE_CPU caps it): `<group>-<level>`."""
     return group if "copy_gbps" in info or group.startswith("gpu_") else f"{group}-{info['cpu_level']}"
-
-
-def update_results_md(group, rows, info):
-    """Replace the block between this group's markers in RESULTS.md (appending it if new)."""
-    name = result_name(group, info)
-    begin, end = f"<!-- BEGIN {name} -->", f"<!-- END {name} -->"
-    versions = ", ".join(f"{k} {info[k]}" for k in ("python", "numpy", "numba", "torch", "triton", "faiss", "cuda")
-                         if k in info)
-    where = (f"{info.get('cpu_model')} ({info['cpus']} CPUs, detected {info.get('cpu_detected')}), recscore kernels at "
-             f"level **{info.get('cpu_level')}**, {THREADS} threads, OMP_WAIT_POLICY={info.get('omp_wait_policy')}")
-    if "copy_gbps" in info:
-        where = (f"{info['gpu']}, CUDA events, device-to-device copy {info['copy_gbps']:.0f} GB/s (read + write) "
-                 f"in the same run; host {where}")
-    block = (f"{begin}\n_Measured {info['date']} on {where}; "
-             f"{versions}. Raw numbers: `bench/results/{result_name(group, info)}.json`._\n\n{markdown_table(rows)}\n{end}")
-    text = RESULTS_MD.read_text() if RESULTS_MD.exists() else "# Benchmark results\n"
-    if begin in text:
-        head, rest = text.split(begin, 1)
-        text = head + block + rest.split(end, 1)[1]
-    else:
-        text = text.rstrip("\n") + f"\n\n## {name}\n\n{block}\n"
-    RESULTS_MD.write_text(text)
 
 
 def run_group(group, quick=False, write=True, only=None):
@@ -265,5 +231,5 @@ def run_group(group, quick=False, write=True, only=None):
     if write and not quick:
         (BENCH_DIR / "results").mkdir(exist_ok=True)
         (BENCH_DIR / "results" / f"{result_name(group, info)}.json").write_text(json.dumps({"machine": info, "rows": rows}, indent=2))
-        update_results_md(group, rows, info)
+        write_results_md()
     return rows

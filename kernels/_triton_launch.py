@@ -6,7 +6,7 @@ the tuning key, all in Python on every call. Timed on this 2-core host with the 
 no-op (`python tests/sm90_checks.py host-time`), an embedding lookup call takes 65-77 us
 through it and 15-23 us launching the compiled kernel that path returned
 (`CompiledKernel[grid](*args)`), Triton 3.6 and 3.9 alike. The lookup's GPU work is about 10 us,
-so Triton's path, not the GPU, bounded our public call (bench/RESULTS.md, gpu_embedding).
+so Triton's path, not the GPU, bounded our public call (bench/notes/results-2026-11.md, gpu_embedding).
 
 `LaunchCache` keeps, per specialization key, the compiled kernel (and the autotuner's choice)
 from the first call made through Triton's own path, and launches it directly afterwards. The

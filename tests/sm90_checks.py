@@ -343,7 +343,7 @@ def check_qmatmul():
                                    qmatmul_triton._launch_qgemv_q4_k, qmatmul_triton._launch_qgemm])
     for name in ("qgemv_kernel", "qgemv_int4_kernel", "qgemv_q4_k_kernel"):
         report_compiled(name, ("FMT", "BLOCK_N", "BLOCK_K", "BLOCK_B", "SPLIT_K"))
-    # The GEMM decodes int4 and Q4_K weights element by element: those tiles spill (bench/RESULTS.md).
+    # The GEMM decodes int4 and Q4_K weights element by element: those tiles spill (bench/notes/results-2026-11.md).
     report_compiled("qgemm_kernel", ("FMT", "BLOCK_M", "BLOCK_N", "BLOCK_K", "SPLIT_K"), local_memory_allowed=True)
 
 

@@ -42,7 +42,7 @@ def _configs():
              for block_d in (32, 64, 128, 256, 512) for block_l in (8, 32) if block_l * block_d <= 4096]
     # A 32-row tile in one warp keeps the most rows in flight an SM where its registers allow (D <= 64):
     # on an H100 a bare gather of 64-byte rows reads 30 G rows/s at 32 rows a program and 12.6 G at 8,
-    # and int8 lookups at B = 16384 went from 53 us to 30 (bench/RESULTS.md, the configuration sweep).
+    # and int8 lookups at B = 16384 went from 53 us to 30 (bench/notes/results-2026-11.md, the configuration sweep).
     tiles += [(32, block_d, 1) for block_d in (32, 64)]
     return [triton.Config({"BLOCK_L": block_l, "BLOCK_D": block_d}, num_warps=warps) for block_l, block_d, warps in tiles]
 
@@ -72,7 +72,7 @@ def _pool_codes(acc, codes, scale, bias, tile_mask, weight, POOLING: tl.constexp
         return _pool(acc, codes.to(tl.float32) * scale[:, None] + bias[:, None], tile_mask, weight, POOLING)
     # sum_l w_l (s_l c_ld + b_l) = sum_l (w_l s_l) c_ld + sum_l w_l b_l: the per-row factors fold
     # before the tile, and no dequantized float tile is formed: 72 registers instead of 96 at
-    # 32 x 64 int8 in one warp on sm_90 (the H100 time moved 2-4%: bench/RESULTS.md).
+    # 32 x 64 int8 in one warp on sm_90 (the H100 time moved 2-4%: bench/notes/results-2026-11.md).
     return acc + tl.sum(codes.to(tl.float32) * (weight * scale)[:, None], axis=0) + tl.sum(weight * bias, axis=0)
 
 
