@@ -2,6 +2,8 @@
 import argparse
 import sys
 
+from . import commands as engine_commands
+
 
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="recscore", description="Real-time recommendation scoring.")
@@ -11,7 +13,10 @@ def main(argv=None):
     demo.add_argument("-k", type=int, default=10, help="recommendations per user (default 10)")
     demo.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16", "int8", "int4"],
                       help="how item rows are stored for lookup and retrieval (default fp32)")
+    engine_commands.add_parsers(commands)
     args = parser.parse_args(argv)
+    if args.command in engine_commands.ENGINE_COMMANDS:
+        return engine_commands.run(args)
 
     from . import demo as demo_module
     if args.movielens:
