@@ -7,8 +7,8 @@ IndexFlatIP copies the float32 rows into its own storage and IndexScalarQuantize
 The exclusion case times our search with 1% of the corpus excluded per query (random,
 unsorted ids) against the same search unfiltered: the target 0.83x is "<= 20% slower".
 Peers at B = 256 take seconds per call: those cases run 4 timed pairs (after the warm-up
-call on each of the 8 query sets), B = 16 runs 8, B = 1 runs 16; FAISS flat at d = 384,
-B = 256 (over 30 s a call) is left out, and d = 384 runs k = 10/100/1000 at B = 1 only.
+call on each of the 8 query sets), B = 16 runs 8, B = 1 runs 16; FAISS flat and SQ8 at d = 384,
+B = 256 (10-30 s a call) are left out, and d = 384 runs k = 10/100/1000 at B = 1 only.
 Online cases (no target in issue 4): a catalogue the size of MovieLens' (N = 10k, d = 64), one
 request's B = 1 and 16 queries, k = 10, against FAISS flat and torch; 200 pairs each.
 """
@@ -100,6 +100,9 @@ def comparisons(quick=False):
                 if k == 100 and d == 64:  # at d = 384 FAISS flat takes over 30 s per call here
                     yield Comparison(f"{name} fp32", "recscore cpu fp32", "FAISS IndexFlatIP", ours32, peer_flat,
                                      pairs=pairs, target=5, bytes_per_call=fp32_bytes, note=slow_peer.lstrip("; "))
+                    yield Comparison(f"{name} int8", "recscore cpu int8", "FAISS IndexScalarQuantizer SQ8", ours8,
+                                     peer_sq8, pairs=pairs, target=3, bytes_per_call=int8_bytes,
+                                     note=slow_peer.lstrip("; "))
         if d == 64:
             for B in (1, 16, 256):
                 qs = _query_sets(B, d, seed=7 + B)

@@ -97,6 +97,17 @@ SIMD_INLINE float simd_half_to_float(uint16_t h)
     return f;
 }
 
+/* The same in one instruction where the level has F16C: equal for every value but a signalling NaN,
+ * which comes back quiet. */
+SIMD_INLINE float simd_half_to_float_fast(uint16_t h)
+{
+#if SIMD_LEVEL >= 1
+    return _cvtsh_ss(h);
+#else
+    return simd_half_to_float(h);
+#endif
+}
+
 SIMD_INLINE float simd_bf16_to_float(uint16_t h)
 {
     const uint32_t bits = (uint32_t)h << 16;
@@ -192,13 +203,77 @@ SIMD_INLINE vi vi_dpbusd(vi acc, vi u, vi s)
 #endif
 }
 /* acc + per lane the sum of 2 adjacent int16 products (exact but for -32768 * -32768 twice). */
-SIMD_INLINE vi vi_dpwssd(vi acc, vi a, vi b) { return _mm512_add_epi32(acc, _mm512_madd_epi16(a, b)); }
-/* acc + per lane the sum of 4 adjacent products of signed bytes a and b (exact when neither holds -128). */
+SIMD_INLINE vi vi_dpwssd(vi acc, vi a, vi b)
+{
+#if SIMD_LEVEL == 3
+    return _mm512_dpwssd_epi32(acc, a, b);
+#else
+    return _mm512_add_epi32(acc, _mm512_madd_epi16(a, b));
+#endif
+}
+/* acc + per lane the sum of 4 adjacent products of signed bytes a and b (exact at every level when b
+ * never holds -128; a may). */
 SIMD_INLINE vi vi_dot_i8(vi acc, vi a, vi b)
 {
     const __mmask64 negative = _mm512_movepi8_mask(a);
     const __m512i b_signed = _mm512_mask_sub_epi8(b, negative, _mm512_setzero_si512(), b);
     return vi_dpbusd(acc, _mm512_abs_epi8(a), b_signed);
+}
+/* acc + per int16 lane (2 * VF_LANES of them) the sum of 2 adjacent products u[j] * s[j] of unsigned
+ * bytes u and signed bytes s; exact while each pair and the int16 sums stay within int16. */
+SIMD_INLINE vi vi_dpbusw(vi acc, vi u, vi s) { return _mm512_add_epi16(acc, _mm512_maddubs_epi16(u, s)); }
+SIMD_INLINE vi vi_and(vi a, vi b) { return _mm512_and_si512(a, b); }
+SIMD_INLINE vi vi_or(vi a, vi b) { return _mm512_or_si512(a, b); }
+SIMD_INLINE vi vi_srli(vi a, int n) { return _mm512_srli_epi32(a, (unsigned)n); }   /* logical, per int32 lane */
+SIMD_INLINE vi vi_slli(vi a, int n) { return _mm512_slli_epi32(a, (unsigned)n); }
+SIMD_INLINE vi vi_srlv(vi a, vi n) { return _mm512_srlv_epi32(a, n); }   /* lane i shifted right by n[i] (0..31) */
+/* The low half of a vi (2 * VF_LANES bytes) from lo, the high half from hi. */
+SIMD_INLINE vi vi_load_halves(const void *lo, const void *hi)
+{
+    return _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)lo)),
+                              _mm256_loadu_si256((const __m256i *)hi), 1);
+}
+/* 16 bytes from each of p[0 .. VF_LANES / 4), in that order. */
+SIMD_INLINE vi vi_load_pieces16(const void *const *p)
+{
+    const __m256i low = _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_loadu_si128((const __m128i *)p[0])),
+                                                _mm_loadu_si128((const __m128i *)p[1]), 1);
+    const __m256i high = _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_loadu_si128((const __m128i *)p[2])),
+                                                 _mm_loadu_si128((const __m128i *)p[3]), 1);
+    return _mm512_inserti64x4(_mm512_castsi256_si512(low), high, 1);
+}
+/* Byte i (< 4 * VF_LANES) all ones where bit i of bits is set, else 0. */
+SIMD_INLINE vi vi_from_bits(uint64_t bits) { return _mm512_movm_epi8((__mmask64)bits); }
+/* Lane i = a[idx[i]] (0 <= idx[i] < VF_LANES). */
+SIMD_INLINE vf vf_permute(vf a, vi idx) { return _mm512_permutexvar_ps(idx, a); }
+/* 2 * VF_LANES bytes zero-extended to int16 lanes (for vi_dpwssd). */
+SIMD_INLINE vi vi_load_u8_i16(const uint8_t *p) { return _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)p)); }
+/* Lane i of the result = the sum of a[i]'s lanes, for a[0 .. VF_LANES) (a transpose-add tree). */
+SIMD_INLINE vf vf_reduce_add_each(const vf *a)
+{
+    __m512 s1[8], s2[4], s3[2];
+    for (int i = 0; i < 8; i++)   /* per 128-bit lane: [a0+a2, b0+b2, a1+a3, b1+b3] */
+        s1[i] = _mm512_add_ps(_mm512_unpacklo_ps(a[2 * i], a[2 * i + 1]), _mm512_unpackhi_ps(a[2 * i], a[2 * i + 1]));
+    for (int i = 0; i < 4; i++) { /* per 128-bit lane: rows 4i .. 4i+3 */
+        const __m512d x = _mm512_castps_pd(s1[2 * i]), y = _mm512_castps_pd(s1[2 * i + 1]);
+        s2[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(x, y)), _mm512_castpd_ps(_mm512_unpackhi_pd(x, y)));
+    }
+    for (int i = 0; i < 2; i++)
+        s3[i] = _mm512_add_ps(_mm512_shuffle_f32x4(s2[2 * i], s2[2 * i + 1], 0x88),
+                              _mm512_shuffle_f32x4(s2[2 * i], s2[2 * i + 1], 0xDD));
+    return _mm512_add_ps(_mm512_shuffle_f32x4(s3[0], s3[1], 0x88), _mm512_shuffle_f32x4(s3[0], s3[1], 0xDD));
+}
+SIMD_INLINE vi vi_reduce_add_each(const vi *a)
+{
+    __m512i s1[8], s2[4], s3[2];
+    for (int i = 0; i < 8; i++)
+        s1[i] = _mm512_add_epi32(_mm512_unpacklo_epi32(a[2 * i], a[2 * i + 1]), _mm512_unpackhi_epi32(a[2 * i], a[2 * i + 1]));
+    for (int i = 0; i < 4; i++)
+        s2[i] = _mm512_add_epi32(_mm512_unpacklo_epi64(s1[2 * i], s1[2 * i + 1]), _mm512_unpackhi_epi64(s1[2 * i], s1[2 * i + 1]));
+    for (int i = 0; i < 2; i++)
+        s3[i] = _mm512_add_epi32(_mm512_shuffle_i32x4(s2[2 * i], s2[2 * i + 1], 0x88),
+                                 _mm512_shuffle_i32x4(s2[2 * i], s2[2 * i + 1], 0xDD));
+    return _mm512_add_epi32(_mm512_shuffle_i32x4(s3[0], s3[1], 0x88), _mm512_shuffle_i32x4(s3[0], s3[1], 0xDD));
 }
 
 #elif SIMD_LEVEL == 1
@@ -330,6 +405,41 @@ SIMD_INLINE vi vi_dpbusd(vi acc, vi u, vi s)
 }
 SIMD_INLINE vi vi_dpwssd(vi acc, vi a, vi b) { return _mm256_add_epi32(acc, _mm256_madd_epi16(a, b)); }
 SIMD_INLINE vi vi_dot_i8(vi acc, vi a, vi b) { return vi_dpbusd(acc, _mm256_abs_epi8(a), _mm256_sign_epi8(b, a)); }
+SIMD_INLINE vi vi_dpbusw(vi acc, vi u, vi s) { return _mm256_add_epi16(acc, _mm256_maddubs_epi16(u, s)); }
+SIMD_INLINE vi vi_and(vi a, vi b) { return _mm256_and_si256(a, b); }
+SIMD_INLINE vi vi_or(vi a, vi b) { return _mm256_or_si256(a, b); }
+SIMD_INLINE vi vi_srli(vi a, int n) { return _mm256_srli_epi32(a, n); }
+SIMD_INLINE vi vi_slli(vi a, int n) { return _mm256_slli_epi32(a, n); }
+SIMD_INLINE vi vi_srlv(vi a, vi n) { return _mm256_srlv_epi32(a, n); }
+SIMD_INLINE vi vi_load_halves(const void *lo, const void *hi)
+{
+    return _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_loadu_si128((const __m128i *)lo)),
+                                   _mm_loadu_si128((const __m128i *)hi), 1);
+}
+SIMD_INLINE vi vi_load_pieces16(const void *const *p) { return vi_load_halves(p[0], p[1]); }
+SIMD_INLINE vi vi_from_bits(uint64_t bits)   /* each byte takes its bit's byte of bits, then tests its own bit */
+{
+    const __m256i spread = _mm256_shuffle_epi8(_mm256_set1_epi32((int32_t)(uint32_t)bits),
+                                               _mm256_set_epi64x(0x0303030303030303, 0x0202020202020202,
+                                                                 0x0101010101010101, 0));
+    const __m256i others = _mm256_set1_epi64x(0x7FBFDFEFF7FBFDFE);   /* every bit but the byte's own */
+    return _mm256_cmpeq_epi8(_mm256_or_si256(spread, others), _mm256_set1_epi64x(-1));
+}
+SIMD_INLINE vf vf_permute(vf a, vi idx) { return _mm256_permutevar8x32_ps(a, idx); }
+SIMD_INLINE vi vi_load_u8_i16(const uint8_t *p) { return _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)p)); }
+SIMD_INLINE vf vf_reduce_add_each(const vf *a)
+{
+    /* per 128-bit half: lane i = the sum of that half of a[i] (rows 0-3, then 4-7) */
+    const __m256 s0 = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
+    const __m256 s1 = _mm256_hadd_ps(_mm256_hadd_ps(a[4], a[5]), _mm256_hadd_ps(a[6], a[7]));
+    return _mm256_add_ps(_mm256_permute2f128_ps(s0, s1, 0x20), _mm256_permute2f128_ps(s0, s1, 0x31));
+}
+SIMD_INLINE vi vi_reduce_add_each(const vi *a)
+{
+    const __m256i s0 = _mm256_hadd_epi32(_mm256_hadd_epi32(a[0], a[1]), _mm256_hadd_epi32(a[2], a[3]));
+    const __m256i s1 = _mm256_hadd_epi32(_mm256_hadd_epi32(a[4], a[5]), _mm256_hadd_epi32(a[6], a[7]));
+    return _mm256_add_epi32(_mm256_permute2x128_si256(s0, s1, 0x20), _mm256_permute2x128_si256(s0, s1, 0x31));
+}
 
 #else
 /* =======================================================================================
@@ -432,6 +542,52 @@ SIMD_INLINE vi vi_dot_i8(vi acc, vi a, vi b)
     SIMD_LANEWISE(vi, acc.v[j] + x[4 * j] * y[4 * j] + x[4 * j + 1] * y[4 * j + 1] + x[4 * j + 2] * y[4 * j + 2]
                       + x[4 * j + 3] * y[4 * j + 3]);
 }
+SIMD_INLINE vi vi_dpbusw(vi acc, vi u, vi s)
+{
+    const uint8_t *a = (const uint8_t *)u.v;
+    const int8_t *b = (const int8_t *)s.v;
+    int16_t x[16];
+    memcpy(x, acc.v, sizeof x);
+    for (int j = 0; j < 16; j++)
+        x[j] = (int16_t)(x[j] + a[2 * j] * b[2 * j] + a[2 * j + 1] * b[2 * j + 1]);
+    vi r;
+    memcpy(r.v, x, sizeof x);
+    return r;
+}
+SIMD_INLINE vi vi_and(vi a, vi b) { SIMD_LANEWISE(vi, a.v[j] & b.v[j]); }
+SIMD_INLINE vi vi_or(vi a, vi b) { SIMD_LANEWISE(vi, a.v[j] | b.v[j]); }
+SIMD_INLINE vi vi_srli(vi a, int n) { SIMD_LANEWISE(vi, (int32_t)((uint32_t)a.v[j] >> n)); }
+SIMD_INLINE vi vi_slli(vi a, int n) { SIMD_LANEWISE(vi, (int32_t)((uint32_t)a.v[j] << n)); }
+SIMD_INLINE vi vi_srlv(vi a, vi n) { SIMD_LANEWISE(vi, (int32_t)((uint32_t)a.v[j] >> (n.v[j] & 31))); }
+SIMD_INLINE vi vi_load_halves(const void *lo, const void *hi)
+{
+    vi r;
+    memcpy(r.v, lo, 16);
+    memcpy(r.v + 4, hi, 16);
+    return r;
+}
+SIMD_INLINE vi vi_load_pieces16(const void *const *p) { return vi_load_halves(p[0], p[1]); }
+SIMD_INLINE vi vi_from_bits(uint64_t bits)
+{
+    uint8_t b[32];
+    for (int j = 0; j < 32; j++)
+        b[j] = (uint8_t)(0 - ((bits >> j) & 1));
+    vi r;
+    memcpy(r.v, b, sizeof b);
+    return r;
+}
+SIMD_INLINE vf vf_permute(vf a, vi idx) { SIMD_LANEWISE(vf, a.v[idx.v[j] & 7]); }
+SIMD_INLINE vi vi_load_u8_i16(const uint8_t *p)
+{
+    int16_t x[16];
+    for (int j = 0; j < 16; j++)
+        x[j] = p[j];
+    vi r;
+    memcpy(r.v, x, sizeof x);
+    return r;
+}
+SIMD_INLINE vf vf_reduce_add_each(const vf *a) { SIMD_LANEWISE(vf, vf_reduce_add(a[j])); }
+SIMD_INLINE vi vi_reduce_add_each(const vi *a) { SIMD_LANEWISE(vi, vi_reduce_add(a[j])); }
 #undef SIMD_LANEWISE
 #endif
 

@@ -3,7 +3,9 @@
 Bags are random with skewed sizes (most short, a few long), padding (-1) and empty bags;
 the triton backend runs under TRITON_INTERPRET=1 on small shapes when there is no GPU.
 """
+import ctypes
 import gc
+import mmap
 import threading
 import warnings
 
@@ -13,7 +15,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from recscore.bindings import _embedding_bag
 from recscore.kernels import TableBatch, embedding_bag, quantize_rows, use_backend
+from recscore.kernels._cpu import LEVELS, supported_levels, use_cpu_level
 from recscore.kernels.embedding_bag import cpu
 from recscore.kernels.quantize_rows import RowTable
 
@@ -84,8 +88,9 @@ def every_option(rng, tables, bags, index_dtype=np.int64):
 # --------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("dtype", ROW_DTYPES)
-@pytest.mark.parametrize("dim", [1, 3, 16, 48, 64, 128, 129, 256, 1000])
-def test_cpu_every_option(rng, dtype, dim):
+@pytest.mark.parametrize("dim", [1, 3, 7, 9, 16, 17, 64, 100, 128, 129, 300, 1000])
+def test_cpu_every_option(rng, cpu_level, dtype, dim):
+    """D below, at and above the vector lanes (8, 16) and the register blocks (64, 128 columns)."""
     tables = [make_table(rng, 300, dim, dtype)]
     for index_dtype in (np.int64, np.int32):
         for indices, offsets, options in every_option(rng, tables, 37, index_dtype):
@@ -93,14 +98,14 @@ def test_cpu_every_option(rng, dtype, dim):
 
 
 @pytest.mark.parametrize("dtype", ROW_DTYPES)
-def test_cpu_one_row_and_many_rows(rng, dtype):
+def test_cpu_one_row_and_many_rows(rng, cpu_level, dtype):
     for rows, dim in [(1, 5), (200_000, 16)]:
         tables = [make_table(rng, rows, dim, dtype)]
         for indices, offsets, options in every_option(rng, tables, 300):
             check_cpu(tables, indices, offsets, **options)
 
 
-def test_cpu_tables_taking_the_second_l2_prefetch(rng):
+def test_cpu_tables_taking_the_second_l2_prefetch(rng, cpu_level):
     """Tables over 16 MB with rows of 128+ bytes take a second L2 prefetch (EB_RETRY_*), which reads
     indices further ahead: fp32 rows, int8 rows and 128-column blocks of wide rows, in one batch with
     a small table, in calls big enough to split into chunks that end inside a table."""
@@ -112,20 +117,14 @@ def test_cpu_tables_taking_the_second_l2_prefetch(rng):
         check_cpu(tables, indices, offsets, **options)
 
 
-def test_cpu_calls_big_enough_to_run_in_parallel(rng):
+def test_cpu_calls_big_enough_to_run_in_parallel(rng, cpu_level):
     """Calls over EB_PARALLEL_MIN_COST (3 MB of estimated row and index bytes) split into chunks across
-    threads: every option on the AVX-512 and the portable loops, and a bad index late in the call."""
+    threads: every option, and a bad index late in the call."""
     tables = [make_table(rng, 5000, 64, "fp32"), make_table(rng, 3000, 129, "int8"), make_table(rng, 700, 48, "fp16")]
     bags = 4000
-    batch = TableBatch(tables)
     for indices, offsets, options in every_option(rng, tables, bags):
         assert len(indices) * (48 * 2 + 64) > 3 << 20   # the kernel's cost: row bytes + 64 an index, at least
         check_cpu(tables, indices, offsets, **options)
-        want = run("reference", tables, indices, offsets, **options)
-        pooling, bounds = options.get("pooling", "sum"), options.get("bounds", "error")
-        got = cpu.lookup(batch, indices, offsets, bags, pooling, options.get("per_sample_weights"), bounds,
-                         portable=True)
-        np.testing.assert_allclose(got, want, rtol=tolerance(tables), atol=tolerance(tables))
     indices, offsets = make_bags(rng, [t.shape[0] for t in tables], bags, padding=0.0)
     lengths = np.diff(offsets)
     bag = int(np.flatnonzero(lengths[2 * bags:] > 1)[-1]) + 2 * bags   # a late bag of the third table
@@ -135,7 +134,7 @@ def test_cpu_calls_big_enough_to_run_in_parallel(rng):
         TableBatch(tables).lookup(bad, offsets)
 
 
-def test_cpu_mixed_table_batch(rng):
+def test_cpu_mixed_table_batch(rng, cpu_level):
     """All dtypes and widths in one batch, skewed bag sizes (a few bags of thousands)."""
     specs = [(1000, 64, "fp32"), (1, 3, "int8"), (5000, 129, "int4"), (77, 16, "fp16"), (300, 48, "bf16"),
              (20, 1, "fp32"), (900, 1000, "int8")]
@@ -154,7 +153,7 @@ def test_cpu_mixed_table_batch(rng):
     check_cpu(tables, indices, offsets, pooling="mean")
 
 
-def test_cpu_no_bags_and_only_empty_bags(rng):
+def test_cpu_no_bags_and_only_empty_bags(rng, cpu_level):
     tables = [make_table(rng, 10, 4, "fp32"), make_table(rng, 10, 6, "int4")]
     out = check_cpu(tables, np.zeros(0, np.int64), np.zeros(1, np.int64))
     assert out.shape == (0, 10)
@@ -166,7 +165,7 @@ def test_cpu_no_bags_and_only_empty_bags(rng):
         assert not out.any()
 
 
-def test_cpu_torch_tensors(rng):
+def test_cpu_torch_tensors(rng, cpu_level):
     table = rng.standard_normal((50, 8)).astype(np.float32)
     indices, offsets = make_bags(rng, [50], 9)
     with use_backend("reference"):
@@ -178,7 +177,7 @@ def test_cpu_torch_tensors(rng):
 
 
 @pytest.mark.parametrize("storage", ["numpy", "torch"])
-def test_embedding_bag_follows_a_row_table_whose_arrays_change(rng, storage):
+def test_embedding_bag_follows_a_row_table_whose_arrays_change(rng, cpu_level, storage):
     """Rows of a float table written in place, arrays swapped for others, and a tensor's storage
     swapped (`tensor.data = ...`) are all seen on the next call (an int8/int4 table's qparams: see
     test_cpu_int8_table_given_new_scale_or_bias_arrays)."""
@@ -195,7 +194,7 @@ def test_embedding_bag_follows_a_row_table_whose_arrays_change(rng, storage):
     np.testing.assert_allclose(got(), expected(values[0]), rtol=1e-5, atol=1e-5)
     table.data[:] = wrap(values[1])        # in place
     np.testing.assert_allclose(got(), expected(values[1]), rtol=1e-5, atol=1e-5)
-    table.data = wrap(values[2].copy())    # another array
+    table = RowTable("fp32", (40, 6), wrap(values[2].copy()))    # another array
     np.testing.assert_allclose(got(), expected(values[2]), rtol=1e-5, atol=1e-5)
     if storage == "torch":
         table.data.data = torch.from_numpy(values[0].copy())   # the same tensor, other storage
@@ -203,7 +202,7 @@ def test_embedding_bag_follows_a_row_table_whose_arrays_change(rng, storage):
 
 
 @pytest.mark.parametrize("storage", ["numpy", "torch"])
-def test_cpu_column_slice_is_read_in_place_and_a_transpose_copied_with_a_warning(rng, storage, monkeypatch):
+def test_cpu_column_slice_is_read_in_place_and_a_transpose_copied_with_a_warning(rng, cpu_level, storage, monkeypatch):
     from recscore.kernels import _backend
     monkeypatch.setattr(_backend, "_warned", set())
     wide = rng.standard_normal((50, 24)).astype(np.float32)
@@ -224,7 +223,7 @@ def test_cpu_column_slice_is_read_in_place_and_a_transpose_copied_with_a_warning
     np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
 
 
-def test_cpu_int8_table_given_new_scale_or_bias_arrays(rng):
+def test_cpu_int8_table_given_new_scale_or_bias_arrays(rng, cpu_level):
     """The CPU kernel's side-by-side copy of scale and bias is kept per pair of arrays: a table given
     a new bias (or scale) array is read with it."""
     table = quantize_rows(rng.standard_normal((30, 8)).astype(np.float32), "int8")
@@ -232,13 +231,14 @@ def test_cpu_int8_table_given_new_scale_or_bias_arrays(rng):
     for attribute in ("bias", "scale"):
         with use_backend("cpu"):
             embedding_bag(table, indices, offsets)
-        setattr(table, attribute, getattr(table, attribute) + np.float32(0.25))
+        table = RowTable(table.dtype, table.shape, table.data,
+                         **{"scale": table.scale, "bias": table.bias, attribute: getattr(table, attribute) + np.float32(0.25)})
         with use_backend("cpu"):
             got = embedding_bag(table, indices, offsets)
         np.testing.assert_allclose(got, run("reference", [table], indices, offsets), rtol=1e-5, atol=1e-5)
     before = len(cpu._side_by_side_qparams), len(cpu._side_by_side_finalizers)
     for _ in range(20):   # a long-lived bias beside short-lived scales: nothing piles up
-        table.scale = table.scale * np.float32(1.0)
+        table = RowTable(table.dtype, table.shape, table.data, table.scale * np.float32(1.0), table.bias)
         with use_backend("cpu"):
             embedding_bag(table, indices, offsets)
     gc.collect()
@@ -251,7 +251,7 @@ def reference_lookup(values, indices, offsets):
 
 
 @pytest.mark.parametrize("dtype,limit", [("int8", 0.01), ("int4", 0.10)])
-def test_quantized_pooled_error_vs_float_table(rng, dtype, limit):
+def test_quantized_pooled_error_vs_float_table(rng, cpu_level, dtype, limit):
     weights = rng.standard_normal((5000, 64)).astype(np.float32)
     indices, offsets = make_bags(rng, [5000], 512, padding=0.0)
     with use_backend("cpu"):
@@ -261,7 +261,7 @@ def test_quantized_pooled_error_vs_float_table(rng, dtype, limit):
     assert relative_l2 < limit
 
 
-def test_cpu_errors_name_bag_and_position(rng):
+def test_cpu_errors_name_bag_and_position(rng, cpu_level):
     table = make_table(rng, 10, 4, "int8")
     indices = np.array([1, 2, 3, 10, 4], np.int64)
     offsets = np.array([0, 2, 5], np.int64)
@@ -272,7 +272,7 @@ def test_cpu_errors_name_bag_and_position(rng):
             embedding_bag(table, indices, offsets, bounds="skip")
 
 
-def test_cpu_concurrent_calls(rng):
+def test_cpu_concurrent_calls(rng, cpu_level):
     tables = [make_table(rng, 2000, 32, "fp32"), make_table(rng, 500, 17, "int4")]
     batch = TableBatch(tables)  # one batch shared by every thread: its prepared layout too
     cases = [make_bags(rng, [2000, 500], 64, index_dtype=dtype) for dtype in (np.int64, np.int32) * 3]
@@ -282,7 +282,7 @@ def test_cpu_concurrent_calls(rng):
 
     def work(k):
         indices, offsets = cases[k]
-        with use_backend("cpu"):
+        with use_backend("cpu"), use_cpu_level(cpu_level):   # a new thread starts at the default level
             for _ in range(20):
                 if not np.allclose(batch.lookup(indices, offsets, pooling="mean"), want[k], rtol=1e-4, atol=1e-5):
                     failures.append(k)
@@ -296,25 +296,73 @@ def test_cpu_concurrent_calls(rng):
 
 
 @pytest.mark.parametrize("dtype", ROW_DTYPES)
-def test_cpu_portable_loops(rng, dtype):
-    """The plain C loops (CPUs without AVX-512) against the reference, every option, narrow to wide rows."""
-    tables = [make_table(rng, 300, dim, dtype) for dim in (1, 3, 16, 129, 1000)]
+def test_cpu_narrow_and_wide_rows_in_one_batch(rng, cpu_level, dtype):
+    """Tables of D around the lane counts and wider than the register block, one batch, every option."""
+    tables = [make_table(rng, 300, dim, dtype) for dim in (1, 7, 9, 17, 100, 129, 300)]
     batch = TableBatch(tables)
     for index_dtype in (np.int64, np.int32):
         for indices, offsets, options in every_option(rng, tables, 23, index_dtype):
             pooling, bounds = options.get("pooling", "sum"), options.get("bounds", "error")
             weights = options.get("per_sample_weights")
             want = run("reference", tables, indices, offsets, **options)
-            got = cpu.lookup(batch, indices, offsets, 23, pooling, weights, bounds, portable=True)
+            got = cpu.lookup(batch, indices, offsets, 23, pooling, weights, bounds)
             np.testing.assert_allclose(got, want, rtol=tolerance(tables), atol=tolerance(tables))
     indices, offsets = make_bags(rng, [t.shape[0] for t in tables], 23, padding=0.0)
     indices[len(indices) // 2] = 300
     with pytest.raises(IndexError, match=r"indices\[\d+\] = 300 \(table \d, bag \d+, position \d+\)"):
-        cpu.lookup(batch, indices, offsets, 23, "sum", None, "error", portable=True)
+        cpu.lookup(batch, indices, offsets, 23, "sum", None, "error")
+
+
+def guarded_rows(dtype, rows, dim, rng):
+    """A RowTable whose data ends at a page that cannot be read (reading past the table crashes the
+    test), and the mapping that holds it."""
+    table = make_table(rng, rows, dim, dtype)
+    nbytes = table.data.nbytes
+    page = mmap.PAGESIZE
+    size = (nbytes + page - 1) // page * page + page
+    memory = mmap.mmap(-1, size)
+    base = np.frombuffer(memory, np.uint8)
+    guard = base.ctypes.data + size - page
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mprotect.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+    assert libc.mprotect(guard, page, 0) == 0, ctypes.get_errno()   # PROT_NONE
+    data = base[size - page - nbytes:size - page].view(table.data.dtype).reshape(table.data.shape)
+    data[...] = table.data
+    return RowTable(dtype, table.shape, data, table.scale, table.bias), memory
+
+
+@pytest.mark.parametrize("dtype", ROW_DTYPES)
+def test_cpu_reads_nothing_past_the_table(rng, cpu_level, dtype):
+    """The last rows of a table that ends at an unreadable page, for every D up to two blocks: a row's
+    last vector is read in full only where the table goes on after it."""
+    for dim in list(range(1, 34)) + [63, 65, 100, 127, 129, 255, 257]:
+        table, memory = guarded_rows(dtype, 40, dim, rng)
+        indices = np.array([39, 38, 39, 0, 39, 37, -1, 39], np.int64)
+        offsets = np.array([0, 1, 3, 6, 8], np.int64)
+        for pooling in POOLINGS:
+            check_cpu([table], indices, offsets, pooling=pooling)
+        del table, memory   # unmapped once the last view of it goes
+
+
+def test_cpu_level_above_the_cpu_is_refused(rng):
+    """The C entry refuses a level this CPU lacks, or no level, whatever the caller passes."""
+    batch = TableBatch([make_table(rng, 10, 8, "fp32")])
+    _, description, total_dim = cpu._prepare(batch)
+    indices, offsets = np.array([1, 2, 3], np.int64), np.array([0, 1, 3], np.int64)
+    out = np.empty((2, total_dim), np.float32)
+    for level in range(len(LEVELS)):
+        if LEVELS[level] in supported_levels():
+            assert _embedding_bag.lookup(description, indices, offsets, None, 2, 0, True, out, 1, level) == -1
+        else:
+            with pytest.raises(ValueError, match=rf"CPU level {level} is not available"):
+                _embedding_bag.lookup(description, indices, offsets, None, 2, 0, True, out, 1, level)
+    for level in (len(LEVELS), -1):
+        with pytest.raises(ValueError, match=rf"CPU level {level} is not available"):
+            _embedding_bag.lookup(description, indices, offsets, None, 2, 0, True, out, 1, level)
 
 
 @pytest.mark.parametrize("dtype", ["int8", "int4"])
-def test_cpu_fused_row_layout_and_strided_rows(rng, dtype):
+def test_cpu_fused_row_layout_and_strided_rows(rng, cpu_level, dtype):
     """qparams read in place from fused rows; float rows with a row stride larger than D, or negative (copied)."""
     quantized = [make_table(rng, 500, dim, dtype) for dim in (5, 64, 200)]
     strided = rng.standard_normal((300, 40)).astype(np.float32)[:, :33]
@@ -329,8 +377,8 @@ def test_cpu_fused_row_layout_and_strided_rows(rng, dtype):
 
 
 @pytest.mark.parametrize("position", range(5))
-def test_cpu_bad_index_at_each_position_of_a_bag(rng, position):
-    """The AVX-512 loop pools even and odd positions separately and an odd bag's last one alone: a bad
+def test_cpu_bad_index_at_each_position_of_a_bag(rng, cpu_level, position):
+    """The row loop pools even and odd positions separately and an odd bag's last one alone: a bad
     index is caught at each of them."""
     table = make_table(rng, 10, 20, "fp32")
     indices = np.array([1, 2] + [3, 4, 5, 6, 7], np.int64)
@@ -340,8 +388,7 @@ def test_cpu_bad_index_at_each_position_of_a_bag(rng, position):
         embedding_bag(table, indices, offsets)
 
 
-@pytest.mark.parametrize("portable", [False, True])
-def test_cpu_fused_check_names_the_first_bad_index(rng, portable):
+def test_cpu_fused_check_names_the_first_bad_index(rng, cpu_level):
     """Many bags run in parallel chunks; the error still names the first bad index, whichever chunk finds one."""
     tables = [make_table(rng, 100, 8, "fp32"), make_table(rng, 50, 24, "int8")]
     indices, offsets = make_bags(rng, [100, 50], 4000, padding=0.0)
@@ -352,13 +399,13 @@ def test_cpu_fused_check_names_the_first_bad_index(rng, portable):
     position = first - offsets[table * 4000 + bag]
     message = rf"indices\[{first}\] = 100 \(table {table}, bag {bag}, position {position}\)"
     with pytest.raises(IndexError, match=message):
-        cpu.lookup(TableBatch(tables), indices, offsets, 4000, "sum", None, "error", portable=portable)
+        cpu.lookup(TableBatch(tables), indices, offsets, 4000, "sum", None, "error")
     with use_backend("cpu"), pytest.raises(IndexError, match=message):
         TableBatch(tables).lookup(indices, offsets)
 
 
 @pytest.mark.parametrize("index_dtype", [np.int64, np.int32])
-def test_cpu_skip_far_out_of_range_indices(rng, index_dtype):
+def test_cpu_skip_far_out_of_range_indices(rng, cpu_level, index_dtype):
     """bounds="skip" with the extreme values of the index dtype: skipped, never read."""
     tables = [make_table(rng, 40, 20, "fp16"), make_table(rng, 7, 130, "int4")]
     indices, offsets = make_bags(rng, [40, 7], 30, index_dtype=index_dtype)
@@ -378,7 +425,9 @@ def test_cpu_matches_reference_property(seed, dims, dtypes, bags, pooling, bound
     tables = [make_table(rng, int(rng.integers(1, 60)), dim, dtype) for dim, dtype in zip(dims, dtypes)]
     indices, offsets = make_bags(rng, [t.shape[0] for t in tables], bags,
                                  out_of_range=0.2 if bounds == "skip" else 0.0)
-    check_cpu(tables, indices, offsets, pooling=pooling, bounds=bounds)
+    for level in supported_levels():   # hypothesis runs no function-scoped fixture per example
+        with use_cpu_level(level):
+            check_cpu(tables, indices, offsets, pooling=pooling, bounds=bounds)
 
 
 # --------------------------------------------------------------------------------------------
