@@ -7,7 +7,8 @@ from ._backend import BACKENDS, aligned_empty, use_backend
 from ._cpu import cpu_info, use_cpu_level
 from .embedding_bag import TableBatch, embedding_bag
 from .qmatmul import QuantizedMatrix, qmatmul, quantize_matrix
-from .quantize_rows import RowTable, quantize_rows
+from ._rows import RowTable
+from .quantize_rows import quantize_rows
 from .topk import ItemIndex, topk
 
 __all__ = [

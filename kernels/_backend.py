@@ -184,13 +184,22 @@ def to_numpy_float32(x):
     return np.ascontiguousarray(host, dtype=np.float32)
 
 
+def read_only_view(array):
+    """A view of a NumPy array that cannot be written through (the array itself stays as it is)."""
+    view = np.asarray(array).view()
+    view.flags.writeable = False
+    return view
+
+
 def to_torch(x, device="cpu", bf16=False):
-    """A tensor view of a NumPy array on `device` (zero-copy on the CPU); uint16 -> bfloat16 if bf16."""
+    """A tensor view of a NumPy array on `device` (zero-copy on the CPU, except for a read-only
+    array, which torch could write through: that is copied); uint16 -> bfloat16 if bf16."""
     import torch
     if is_tensor(x):
         return x.to(device)
     x = np.ascontiguousarray(x)
-    if any(stride < 0 for stride in x.strides):   # NumPy calls a (1, D) array with a negative stride contiguous
+    # NumPy calls a (1, D) array with a negative stride contiguous
+    if not x.flags.writeable or any(stride < 0 for stride in x.strides):
         x = x.copy()
     t = torch.from_numpy(x)
     if bf16:

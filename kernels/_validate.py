@@ -4,6 +4,8 @@ Each check names the argument, and for indices the bag (or query) and the positi
 caller can find the bad entry. The one-pass scans over offsets and indices run in C
 (`recscore.bindings._checks`); on CUDA tensors the same checks run as torch reductions.
 """
+import numbers
+
 import numpy as np
 
 from recscore.bindings import _checks
@@ -17,6 +19,22 @@ INDEX_DTYPES = ("int32", "int64")
 def check_choice(name, value, choices):
     if value not in choices:
         raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
+
+
+def check_shape(name, shape):
+    """A pair of non-negative integers (rows, columns), as Python ints."""
+    try:
+        rows, columns = shape
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be a pair of integers, got {shape!r}") from None
+    if type(rows) is int and type(columns) is int and rows >= 0 and columns >= 0:   # the common case, fast
+        return rows, columns
+    for value in (rows, columns):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            raise TypeError(f"{name} must be a pair of integers, got {shape!r}")
+    if rows < 0 or columns < 0:
+        raise ValueError(f"{name} must not be negative, got {tuple(shape)}")
+    return int(rows), int(columns)
 
 
 def check_array(name, x, ndim, dtypes):
@@ -95,18 +113,22 @@ def first_bad_index_on_device(indices, offsets_host, rows_per_table, bags_per_ta
     return int(torch.nonzero(bad)[0, 0])
 
 
-def check_bag_indices(indices, offsets_host, rows_per_table, bags_per_table, table_names=None):
-    """Every index of table t must lie in [-1, R_t); IndexError names table, bag and position."""
+def first_bad_bag_index(indices, offsets_host, rows_per_table, bags_per_table):
+    """The first position whose index of table t lies outside [-1, R_t), or -1: scanned in C on the
+    host, with tensor reductions where a CUDA tensor lives (never copied to the host)."""
     rows = np.asarray(rows_per_table, dtype=np.int64)
     if array_kind(indices) == "cuda":
-        bad = first_bad_index_on_device(indices, offsets_host, rows, bags_per_table)
-        value = int(indices[bad]) if bad >= 0 else None
-    else:
-        host = np.ascontiguousarray(to_numpy(indices))
-        bad = _checks.first_bad_index(host, offsets_host, rows, bags_per_table)
-        value = int(host[bad]) if bad >= 0 else None
+        return first_bad_index_on_device(indices, offsets_host, rows, bags_per_table)
+    return _checks.first_bad_index(np.ascontiguousarray(to_numpy(indices)), offsets_host, rows, bags_per_table)
+
+
+def check_bag_indices(indices, offsets_host, rows_per_table, bags_per_table, table_names=None):
+    """Every index of table t must lie in [-1, R_t); IndexError names table, bag and position."""
+    bad = first_bad_bag_index(indices, offsets_host, rows_per_table, bags_per_table)
     if bad < 0:
         return
+    rows = np.asarray(rows_per_table, dtype=np.int64)
+    value = int(indices[bad])
     segment, slot = locate(offsets_host, bad)
     table, bag = divmod(segment, bags_per_table) if bags_per_table else (0, segment)
     where = f"bag {bag}, position {slot}"

@@ -214,6 +214,37 @@ def report_compiled(name, constants, local_memory_allowed=False):
     assert local_memory_allowed or not spilled, f"{name} spills registers on sm_90: {spilled}"
 
 
+SSA_LINE = re.compile(r"^\s*(%[\w.]+) = ([\w.]+) (.*?) : (.*?)(?: loc\(.*)?$")
+INT32_RESULT = re.compile(r"(?:^|x|->\s*)i32>?$")
+
+
+def int32_products_of(ttir, row_lengths):
+    """The lines of a kernel's Triton IR that multiply by one of the arguments `row_lengths` (a row
+    length or stride) in int32: an offset that wraps past 2**31 elements (kernels/_triton_offsets.py)."""
+    from_lengths = {f"%{name}" for name in row_lengths}   # SSA values that are a row length, splat or broadcast
+    products = []
+    for line in ttir.splitlines():
+        match = SSA_LINE.match(line)
+        if not match:
+            continue
+        name, op, operands, result_type = match.groups()
+        used = set(re.findall(r"%[\w.]+", operands))
+        if op in ("tt.splat", "tt.broadcast", "tt.expand_dims", "tt.reshape") and used & from_lengths:
+            from_lengths.add(name)
+        elif op == "arith.muli" and used & from_lengths and INT32_RESULT.search(result_type.strip()):
+            products.append(line.strip())
+    return products
+
+
+def check_offsets(cache, row_lengths):
+    """No kernel compiled through `cache` forms an offset as an int32 product with a row length."""
+    assert cache.compiled, "nothing was compiled"
+    for compiled_kernel, _, _ in cache.compiled.values():
+        products = int32_products_of(compiled_kernel.asm["ttir"], row_lengths)
+        assert not products, f"{compiled_kernel.name}: int32 offsets that wrap past 2**31: {products}"
+    print(f"{len(cache.compiled)} kernels: every product with {', '.join(row_lengths)} in int64")
+
+
 def check_embedding():
     rng = np.random.default_rng(0)
     calls = []
@@ -225,6 +256,7 @@ def check_embedding():
             calls.append((f"{name}, {index_dtype}",
                           lambda batch=batch, call=call: embedding_triton.lookup(batch, *call)))
     check_calls(calls, [embedding_triton._launch_lookup])
+    check_offsets(embedding_triton._launch_lookup, ("total_dim",))
     report_compiled("_lookup_kernel", ("DTYPE_FLAGS", "POOLING", "HAS_WEIGHTS", "BLOCK_L", "BLOCK_D"))
     # The bag loop must be found, or the spill check above could not fail.
     assert all(k["loops"] for k in compiled if k["name"] == "_lookup_kernel"), "no loop found in a lookup's SASS"
@@ -316,6 +348,7 @@ def check_topk():
                  (16, 1000, 64, 10, "l2", "int8", True), (16, 777, 1000, 100, "ip", "fp32", False),
                  (16, 1000, 48, topk_triton.MAX_K, "cosine", "int8", False)]]
     check_calls(calls, [topk_triton._launch_partial_topk])
+    check_offsets(topk_triton._launch_partial_topk, ("D", "words_per_query"))
     # A query's best K_PAD keys live in registers: large k spills (topk_triton.MAX_K says how far it goes).
     report_compiled("_partial_topk_kernel", ("METRIC", "QUANTIZED", "HAS_EXCLUDE", "BLOCK_Q", "BLOCK_N", "BLOCK_D",
                                              "K_PAD"), local_memory_allowed=True)
@@ -339,8 +372,11 @@ def check_qmatmul():
         for M in (1, 16, 64):
             x = torch.randn(M, 512)
             calls.append((f"{fmt} M={M}", lambda x=x, qm=qm: qmatmul_triton.matmul(x, qm)))
-    check_calls(calls, [qmatmul_triton._launch_qgemv, qmatmul_triton._launch_qgemv_int4,
-                                   qmatmul_triton._launch_qgemv_q4_k, qmatmul_triton._launch_qgemm])
+    caches = [qmatmul_triton._launch_qgemv, qmatmul_triton._launch_qgemv_int4, qmatmul_triton._launch_qgemv_q4_k,
+              qmatmul_triton._launch_qgemm]
+    check_calls(calls, caches)
+    for cache in caches:
+        check_offsets(cache, ("N", "K", "row_bytes", "n_groups"))
     for name in ("qgemv_kernel", "qgemv_int4_kernel", "qgemv_q4_k_kernel"):
         report_compiled(name, ("FMT", "BLOCK_N", "BLOCK_K", "BLOCK_B", "SPLIT_K"))
     # The GEMM decodes int4 and Q4_K weights element by element: those tiles spill (bench/notes/results-2026-11.md).

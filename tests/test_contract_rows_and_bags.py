@@ -6,6 +6,9 @@ formulas of API.md written out), and every error the contract promises is provok
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
 
 from recscore.kernels import RowTable, TableBatch, embedding_bag, quantize_rows, use_backend
 
@@ -43,6 +46,46 @@ def test_quantize_rows_layout_and_error(rng, dtype, dim):
     else:
         tol = {"fp32": 0, "fp16": 1e-3, "bf16": 8e-3}[dtype]
         np.testing.assert_allclose(restored, weights, rtol=tol, atol=tol)
+
+
+# Finite float32 values of moderate size: a failure shrinks element by element towards zeros.
+MODERATE_FLOATS = st.floats(-1e3, 1e3, allow_nan=False, allow_infinity=False, width=32)
+SMALL_SHAPES = hnp.array_shapes(min_dims=2, max_dims=2, min_side=1, max_side=40)
+
+
+@settings(max_examples=60, deadline=None)
+@given(hnp.arrays(np.float32, SMALL_SHAPES, elements=MODERATE_FLOATS), st.sampled_from(["int8", "int4"]))
+def test_quantized_rows_stay_within_half_a_step(weights, dtype):
+    """The formulas of API.md on any table: bias = row min, scale = (max - min) / levels, and every
+    value within half a step of its row (plus float32 rounding)."""
+    with use_backend("reference"):
+        rows = quantize_rows(weights, dtype)
+    levels = 255 if dtype == "int8" else 15
+    wide = weights.astype(np.float64)
+    np.testing.assert_array_equal(rows.bias, weights.min(axis=1))
+    np.testing.assert_array_equal(rows.scale, ((wide.max(axis=1) - wide.min(axis=1)) / levels).astype(np.float32))
+    error = np.abs(rows.dequantize().astype(np.float64) - wide)
+    assert np.all(error <= rows.scale[:, None] * (0.5 + 1e-5) + 1e-4 * np.abs(wide).max(axis=1, keepdims=True))
+
+
+@st.composite
+def bag_cases(draw):
+    """A table (R, D), and bags given as arrays of lengths and of in-range indices."""
+    table = draw(hnp.arrays(np.float32, SMALL_SHAPES, elements=MODERATE_FLOATS))
+    lengths = draw(hnp.arrays(np.int64, draw(st.integers(0, 12)), elements=st.integers(0, 5)))
+    indices = draw(hnp.arrays(np.int64, int(lengths.sum()), elements=st.integers(0, table.shape[0] - 1)))
+    return table, indices, np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+
+
+@settings(max_examples=60, deadline=None)
+@given(bag_cases(), st.sampled_from(["sum", "mean", "max"]))
+def test_embedding_bag_matches_torch_on_any_bags(case, pooling):
+    table, indices, offsets = case
+    with use_backend("reference"):
+        ours = embedding_bag(table, indices, offsets, pooling=pooling)
+    theirs = torch.nn.functional.embedding_bag(torch.from_numpy(indices), torch.from_numpy(table),
+                                               torch.from_numpy(offsets[:-1]), mode=pooling).numpy()
+    np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-3)
 
 
 def test_int4_packs_low_nibble_first():

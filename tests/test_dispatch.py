@@ -4,6 +4,7 @@ import threading
 import numpy as np
 import pytest
 import torch
+from threads import run_workers
 
 from recscore.kernels import use_backend
 from recscore.kernels._backend import array_kind, choose_backend, like
@@ -26,20 +27,19 @@ def test_use_backend_nests_and_restores():
 
 
 def test_use_backend_is_per_thread():
-    inside, seen_elsewhere = threading.Event(), []
-    release = threading.Event()
+    inside, release, seen_elsewhere = threading.Event(), threading.Event(), []
 
     def forcing():
         with use_backend("reference"):
             inside.set()
-            release.wait(10)
+            assert release.wait(10)
 
-    worker = threading.Thread(target=forcing)
-    worker.start()
-    inside.wait(10)
-    seen_elsewhere.append(choose_backend("numpy"))
-    release.set()
-    worker.join()
+    def looking():
+        assert inside.wait(10)
+        seen_elsewhere.append(choose_backend("numpy"))
+        release.set()
+
+    run_workers([forcing, looking], timeout=20)
     assert seen_elsewhere == ["cpu"]
 
 

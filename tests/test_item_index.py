@@ -4,6 +4,7 @@ import threading
 import numpy as np
 import pytest
 import torch
+from threads import run_workers
 
 from recscore.kernels import ItemIndex, topk, use_backend
 
@@ -155,7 +156,6 @@ def test_concurrent_writers_and_readers_never_see_a_torn_state(rng):
     index = ItemIndex(dim)
     index.add(ids, base)
     stop = threading.Event()
-    errors = []
 
     def writer(seed):
         local = np.random.default_rng(seed)
@@ -178,17 +178,30 @@ def test_concurrent_writers_and_readers_never_see_a_torn_state(rng):
             for q in range(3):
                 rows = found[q] // 11
                 version_part = scores[q] - base[rows] @ queries[q]
-                if not (np.all(version_part == version_part[0]) and len(set(rows.tolist())) == 40
-                        and not set(found[q].tolist()) & set(excluded[1][excluded[0][q]:excluded[0][q + 1]].tolist())):
-                    errors.append((scores[q], found[q]))
+                assert np.all(version_part == version_part[0]), f"query {q} saw several versions: {scores[q]}"
+                assert len(set(rows.tolist())) == 40, f"query {q} returned an item twice: {found[q]}"
+                assert not set(found[q].tolist()) & set(excluded[1][excluded[0][q]:excluded[0][q + 1]].tolist())
 
-    threads = [threading.Thread(target=writer, args=(1,))] + [threading.Thread(target=reader, args=(s,)) for s in (2, 3)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors
+    run_workers([lambda: writer(1), lambda: reader(2), lambda: reader(3)], timeout=60, stop=stop)
     assert len(index) == n
+
+
+def test_a_crashing_writer_fails_the_thread_test_instead_of_hanging_it():
+    """The helper the thread tests use: a worker's exception reaches the test, and readers that
+    loop until the writer is done are released."""
+    stop = threading.Event()
+
+    def writer():
+        raise RuntimeError("writer crashed")
+
+    def reader():
+        while not stop.is_set():
+            stop.wait(0.01)
+
+    with pytest.raises(RuntimeError, match="writer crashed"):
+        run_workers([writer, reader, reader], timeout=10, stop=stop)
+    with pytest.raises(TimeoutError, match="1 of 2 workers still running"):
+        run_workers([lambda: None, lambda: threading.Event().wait(2)], timeout=0.2)
 
 
 @pytest.mark.parametrize("call, error, message", [
@@ -233,3 +246,19 @@ def test_ties_go_to_the_smaller_external_id(metric):
     for k, want in [(1, [5]), (2, [5, 10]), (3, [5, 10, 30]), (6, [5, 10, 30, 50, 70, 90])]:
         assert index.search(query, k)[1][0].tolist() == want
     assert index.search(query, 8)[1][0].tolist() == [5, 10, 30, 50, 70, 90, -1, -1]
+
+
+def test_add_takes_ids_first_and_names_the_faiss_order_mistake(rng):
+    """add(ids, vectors), also by keyword; FAISS's add_with_ids(x, ids) order raises a TypeError saying so."""
+    index = ItemIndex(4, metric="l2")
+    vectors = rng.standard_normal((3, 4)).astype(np.float32)
+    index.add(vectors=vectors, ids=np.array([7, 8, 9]))
+    assert len(index) == 3 and index.search(vectors, 1)[1][:, 0].tolist() == [7, 8, 9]
+    for swapped in [(vectors, np.array([1, 2, 3])), (torch.from_numpy(vectors), torch.tensor([1, 2, 3]))]:
+        with pytest.raises(TypeError, match=r"ids must be int32 or int64, got float32 of shape \(3, 4\)\. "
+                                            r"ItemIndex.add takes \(ids, vectors\).*add_with_ids"):
+            index.add(*swapped)
+    with pytest.raises(TypeError, match=r"vectors must be a float \(n, 4\) matrix, got 1-D int64\. .*"
+                                        r"add\(ids=\.\.\., vectors=\.\.\.\)"):
+        index.add(np.array([1, 2, 3]), np.array([4, 5, 6]))
+    assert len(index) == 3

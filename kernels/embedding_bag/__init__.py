@@ -4,8 +4,9 @@ import threading
 import numpy as np
 
 from .._backend import backend_module, choose_backend, like, to_numpy
-from .._validate import INDEX_DTYPES, check_array, check_bag_indices, check_choice, check_finite, check_offsets, check_same_device
-from ..quantize_rows import as_row_table
+from .._rows import as_row_table
+from .._validate import (INDEX_DTYPES, check_array, check_bag_indices, check_choice, check_finite, check_offsets,
+                         check_same_device, first_bad_bag_index)
 
 POOLINGS = ("sum", "mean", "max")
 BOUNDS = ("error", "skip")
@@ -97,6 +98,30 @@ def embedding_bag(table, indices, offsets, *, pooling="sum", per_sample_weights=
 
 
 def _lookup(batch, indices, offsets, pooling, per_sample_weights, bounds, with_flags=False, flags=None):
+    """embedding_bag, lookup and lookup_with_flags: check the call, then run it where the data lives."""
+    kind, device, bags = _check_call(batch, indices, offsets, pooling, per_sample_weights, bounds)
+    backend = choose_backend(kind)
+    if with_flags:
+        _check_flags(backend, kind, device, flags)
+    if backend == "triton" and bags > 0 and sum(batch.dims) > 0:
+        return _lookup_on_gpu(batch, indices, offsets, bags, pooling, per_sample_weights, bounds, with_flags, flags,
+                              kind, device)
+    offsets_host = check_offsets("offsets", offsets, indices.shape[0], batch.num_tables * bags)
+    if per_sample_weights is not None:
+        check_finite("per_sample_weights", per_sample_weights)
+    if backend == "triton":
+        return _lookup_nothing_to_launch(batch, indices, offsets_host, bags, bounds, with_flags, flags, kind, device)
+    if bounds == "error" and backend == "reference":  # the CPU kernel checks indices in its own pass
+        check_bag_indices(indices, offsets_host, batch.rows, bags, batch.table_names)
+    weights = None if per_sample_weights is None else np.ascontiguousarray(to_numpy(per_sample_weights))
+    out = backend_module(__name__, backend).lookup(batch, np.ascontiguousarray(to_numpy(indices)), offsets_host, bags,
+                                                   pooling, weights, bounds)
+    return like(out, kind, device)
+
+
+def _check_call(batch, indices, offsets, pooling, per_sample_weights, bounds):
+    """The checks every backend makes first; returns the kind of `indices`, its CUDA device (or
+    None) and the bags per table, B."""
     check_choice("pooling", pooling, POOLINGS)
     check_choice("bounds", bounds, BOUNDS)
     kind = check_array("indices", indices, 1, INDEX_DTYPES)
@@ -104,10 +129,9 @@ def _lookup(batch, indices, offsets, pooling, per_sample_weights, bounds, with_f
     check_same_device("the tables", batch.tables[0].data, kind, device)
     check_array("offsets", offsets, 1, ("int64",))
     check_same_device("offsets", offsets, kind, device)
-    T = batch.num_tables
-    if (offsets.shape[0] - 1) % T != 0 or offsets.shape[0] == 0:
-        raise ValueError(f"offsets must have length T*B + 1 for T = {T} tables, got {offsets.shape[0]}")
-    B = (offsets.shape[0] - 1) // T
+    tables = batch.num_tables
+    if (offsets.shape[0] - 1) % tables != 0 or offsets.shape[0] == 0:
+        raise ValueError(f"offsets must have length T*B + 1 for T = {tables} tables, got {offsets.shape[0]}")
     if per_sample_weights is not None:
         if pooling != "sum":
             raise ValueError(f"per_sample_weights is only supported with pooling='sum', got pooling={pooling!r}")
@@ -116,62 +140,68 @@ def _lookup(batch, indices, offsets, pooling, per_sample_weights, bounds, with_f
         if per_sample_weights.shape[0] != indices.shape[0]:
             raise ValueError(f"per_sample_weights must have the length of indices ({indices.shape[0]}), "
                              f"got {per_sample_weights.shape[0]}")
-    backend = choose_backend(kind)
-    if with_flags and backend != "triton":
+    return kind, device, (offsets.shape[0] - 1) // tables
+
+
+def _check_flags(backend, kind, device, flags):
+    """lookup_with_flags runs on the Triton backend; `flags`, if given, is where its kernel sets them."""
+    if backend != "triton":
         raise ValueError(f"lookup_with_flags runs the Triton kernel on CUDA tensors; got {kind} inputs "
                          f"on the {backend} backend (use lookup)")
-    if flags is not None:
-        if check_array("flags", flags, 1, ("int32",)) == "numpy":
-            raise TypeError("flags must be a torch.Tensor on the tables' device, got a NumPy array")
-        check_same_device("flags", flags, kind, device)
-        if flags.shape[0] != 3 or not flags.is_contiguous():
-            raise ValueError(f"flags must be a contiguous int32 tensor of 3 elements, got shape "
-                             f"{tuple(flags.shape)} and strides {flags.stride()}")
-    if backend == "triton" and B > 0 and sum(batch.dims) > 0:
-        # The kernel checks offsets, indices and weights as it reads them; reading its flags is
-        # the call's only wait for the GPU. The host checks below run only to word the error,
-        # in the order every backend checks: offsets, weights, indices.
-        indices, offsets = indices.contiguous(), offsets.contiguous()   # copies only strided views
-        if per_sample_weights is not None:
-            per_sample_weights = per_sample_weights.contiguous()
-        triton_lookup = backend_module(__name__, "triton")
-        if with_flags:
-            return triton_lookup.lookup(batch, indices, offsets, B, pooling, per_sample_weights, flags)
-        flags = triton_lookup.thread_flags(batch)
-        try:
-            out, _ = triton_lookup.lookup(batch, indices, offsets, B, pooling, per_sample_weights, flags)
-            bad_offsets, bad_index, bad_weight = triton_lookup.read_thread_flags(flags)
-        except BaseException:
-            triton_lookup.clear_flags(flags)   # whatever the kernel set: the thread's next call starts clean
-            raise
-        if bad_offsets or bad_weight or (bad_index and bounds == "error"):
-            offsets_host = check_offsets("offsets", offsets, indices.shape[0], T * B)
-            if per_sample_weights is not None:
-                check_finite("per_sample_weights", per_sample_weights)
-            if bounds == "error":
-                check_bag_indices(indices, offsets_host, batch.rows, B, batch.table_names)
-            raise AssertionError("the lookup kernel flagged an input that the host checks accept")
-        return like(out, kind, device)
-    offsets_host = check_offsets("offsets", offsets, indices.shape[0], T * B)
+    if flags is None:
+        return
+    if check_array("flags", flags, 1, ("int32",)) == "numpy":
+        raise TypeError("flags must be a torch.Tensor on the tables' device, got a NumPy array")
+    check_same_device("flags", flags, kind, device)
+    if flags.shape[0] != 3 or not flags.is_contiguous():
+        raise ValueError(f"flags must be a contiguous int32 tensor of 3 elements, got shape "
+                         f"{tuple(flags.shape)} and strides {flags.stride()}")
+
+
+def _lookup_on_gpu(batch, indices, offsets, bags, pooling, per_sample_weights, bounds, with_flags, flags, kind,
+                   device):
+    """The Triton kernel checks offsets, indices and weights as it reads them. `lookup` reads its
+    flags back (the call's only wait for the GPU) and raises; lookup_with_flags returns them."""
+    indices, offsets = indices.contiguous(), offsets.contiguous()   # copies only strided views
+    if per_sample_weights is not None:
+        per_sample_weights = per_sample_weights.contiguous()
+    triton_lookup = backend_module(__name__, "triton")
+    if with_flags:
+        return triton_lookup.lookup(batch, indices, offsets, bags, pooling, per_sample_weights, flags)
+    flags = triton_lookup.thread_flags(batch)
+    try:
+        out, _ = triton_lookup.lookup(batch, indices, offsets, bags, pooling, per_sample_weights, flags)
+        bad_offsets, bad_index, bad_weight = triton_lookup.read_thread_flags(flags)
+    except BaseException:
+        triton_lookup.clear_flags(flags)   # whatever the kernel set: the thread's next call starts clean
+        raise
+    if bad_offsets or bad_weight or (bad_index and bounds == "error"):
+        _raise_flagged_input(batch, indices, offsets, bags, per_sample_weights, bounds)
+    return like(out, kind, device)
+
+
+def _raise_flagged_input(batch, indices, offsets, bags, per_sample_weights, bounds):
+    """Word the error the kernel flagged with the host checks, in the order every backend checks:
+    offsets, weights, indices."""
+    offsets_host = check_offsets("offsets", offsets, indices.shape[0], batch.num_tables * bags)
     if per_sample_weights is not None:
         check_finite("per_sample_weights", per_sample_weights)
-    if bounds == "error" and backend != "cpu":  # the CPU kernel checks indices in its own pass
-        check_bag_indices(indices, offsets_host, batch.rows, B, batch.table_names)
-    if backend == "triton":  # nothing to launch: no bags, or tables of D = 0
-        out = like(np.zeros((B, sum(batch.dims)), np.float32), kind, device)
-        if not with_flags:
-            return out
-        try:   # lookup_with_flags skips out-of-range indices: flag them, as the kernel does
-            check_bag_indices(indices, offsets_host, batch.rows, B, batch.table_names)
-            bad_index = 0
-        except IndexError:
-            bad_index = 1
-        if flags is None:
-            return out, like(np.array([0, bad_index, 0], np.int32), kind, device)
-        if bad_index:
-            flags[1] = 1
-        return out, flags
-    weights = None if per_sample_weights is None else np.ascontiguousarray(to_numpy(per_sample_weights))
-    out = backend_module(__name__, backend).lookup(batch, np.ascontiguousarray(to_numpy(indices)), offsets_host, B,
-                                          pooling, weights, bounds)
-    return like(out, kind, device)
+    if bounds == "error":
+        check_bag_indices(indices, offsets_host, batch.rows, bags, batch.table_names)
+    raise RuntimeError("embedding_bag: the Triton kernel flagged an input that the host checks accept (a kernel bug)")
+
+
+def _lookup_nothing_to_launch(batch, indices, offsets_host, bags, bounds, with_flags, flags, kind, device):
+    """A Triton-backend call with no bags, or tables of D = 0 only: zeros, with the index check
+    (or, for lookup_with_flags, its flag) made on the host."""
+    if bounds == "error":
+        check_bag_indices(indices, offsets_host, batch.rows, bags, batch.table_names)
+    out = like(np.zeros((bags, sum(batch.dims)), np.float32), kind, device)
+    if not with_flags:
+        return out
+    bad_index = int(first_bad_bag_index(indices, offsets_host, batch.rows, bags) >= 0)
+    if flags is None:
+        return out, like(np.array([0, bad_index, 0], np.int32), kind, device)
+    if bad_index:
+        flags[1] = 1
+    return out, flags

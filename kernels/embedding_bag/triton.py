@@ -21,6 +21,7 @@ import triton.language as tl
 
 from .._backend import triton_interpreted
 from .._triton_launch import LaunchCache
+from .._triton_offsets import row_starts
 
 DTYPE_CODES = {"fp32": 0, "fp16": 1, "bf16": 2, "int8": 3, "int4": 4}
 POOLING_CODES = {"sum": 0, "mean": 1, "max": 2}
@@ -127,7 +128,7 @@ def _lookup_kernel(base_ptr, meta_ptr, indices_ptr, offsets_ptr, weights_ptr, ou
         bad_indices += tl.sum(((index < -1) | (index >= rows)).to(tl.int32), axis=0)
         count += tl.sum(valid.to(tl.int32), axis=0)
         tile_mask = valid[:, None] & d_mask[None, :]
-        row_start = data_offset + index * row_bytes
+        row_start = data_offset + row_starts(index, row_bytes)
         row_start = tl.multiple_of(row_start, ROW_ALIGN)
         row = base_ptr + row_start  # (BLOCK_L,) byte pointers to the rows, then typed per dtype
         if HAS_WEIGHTS:
@@ -153,9 +154,10 @@ def _lookup_kernel(base_ptr, meta_ptr, indices_ptr, offsets_ptr, weights_ptr, ou
                 acc = _pool(acc, values.to(tl.float32), tile_mask, weight, POOLING)
         if QUANTIZED_BITS & DTYPE_FLAGS:
             if dtype >= INT8:
-                scale = tl.load((base_ptr + scale_offset + index * qparam_stride).to(tl.pointer_type(tl.float32)),
+                qparams = row_starts(index, qparam_stride)
+                scale = tl.load((base_ptr + scale_offset + qparams).to(tl.pointer_type(tl.float32)),
                                 mask=valid, other=0.0)
-                bias = tl.load((base_ptr + bias_offset + index * qparam_stride).to(tl.pointer_type(tl.float32)),
+                bias = tl.load((base_ptr + bias_offset + qparams).to(tl.pointer_type(tl.float32)),
                                mask=valid, other=0.0)
                 if INT8_BIT & DTYPE_FLAGS:
                     if dtype == INT8:
@@ -169,7 +171,7 @@ def _lookup_kernel(base_ptr, meta_ptr, indices_ptr, offsets_ptr, weights_ptr, ou
     if POOLING == 1:
         acc = acc / tl.maximum(count, 1).to(tl.float32)
     acc = tl.where(count > 0, acc, 0.0)  # an empty (or all-padding) bag gives zeros
-    tl.store(out_ptr + bag.to(tl.int64) * total_dim + column + d, acc, mask=d_mask)
+    tl.store(out_ptr + row_starts(bag, total_dim) + column + d, acc, mask=d_mask)
     tl.store(errors_ptr + 1, 1, mask=bad_indices > 0)
     tl.store(errors_ptr + 2, 1, mask=bad_weights > 0)
 

@@ -6,17 +6,21 @@ Backends get validated inputs:
   triton:        matmul(x, qm) with x a float torch tensor (M, in) on a CUDA device (or the CPU
                  under TRITON_INTERPRET=1); returns float32 (M, out) on x's device.
 """
+import numbers
 import threading
 
 import numpy as np
 
-from .._backend import backend_module, bf16_bits_to_float32, choose_backend, like, to_numpy, to_numpy_float32, warn_once
-from .._validate import FLOAT_DTYPES, INDEX_DTYPES, check_array, check_choice, check_finite
+from .._backend import (backend_module, bf16_bits_to_float32, choose_backend, like, read_only_view, to_numpy,
+                        to_numpy_float32, warn_once)
+from .._validate import FLOAT_DTYPES, INDEX_DTYPES, check_array, check_choice, check_finite, check_shape
 from . import reference
 
 QUANT_FORMATS = ("int8", "int4")
 # gguf.GGMLQuantizationType names -> our format names.
 GGUF_FORMATS = {"F32": "f32", "F16": "f16", "Q8_0": "q8_0", "Q5_0": "q5_0", "Q4_K": "q4_k", "Q6_K": "q6_k"}
+MATRIX_FORMATS = QUANT_FORMATS + tuple(GGUF_FORMATS.values())
+FLOAT_ELEMENT_BYTES = {"f32": 4, "f16": 2}   # the CPU kernels read these rows as floats
 
 
 class QuantizedMatrix:
@@ -26,19 +30,32 @@ class QuantizedMatrix:
             memory-mapped file when read with gguf.GGUFReader); int8: int8 codes (out, in);
             int4: uint8 (out, in/2), see reference.py for the nibble order.
     scales: float32 (out, in/group_size) for int8/int4, else None.
-    group_size: weights per block (32 or 256 for GGUF block formats, 1 for f32/f16).
-    Storage stays on the host, read-only; backends keep derived layouts (device copies) in
-    `prepared`, built once under `lock`.
+    group_size: weights per block (32 or 256 for GGUF block formats, 1 for f32/f16); int8/int4:
+            any that divides in (even for int4).
+    data and scales are C-contiguous NumPy arrays (f32/f16 data and the scales aligned to their
+    elements), checked when the matrix is made: TypeError/ValueError name the argument. Immutable:
+    the attributes are fixed and the arrays are read-only views. Backends keep derived layouts
+    (device copies, repacked panels) in `prepared`, built once under `lock`.
     """
 
+    __slots__ = ("fmt", "shape", "data", "scales", "group_size", "prepared", "lock")
+
     def __init__(self, fmt, shape, data, scales=None, group_size=1):
-        self.fmt = fmt
-        self.shape = (int(shape[0]), int(shape[1]))
-        self.data = _read_only(data)
-        self.scales = None if scales is None else _read_only(scales)
-        self.group_size = int(group_size)
-        self.prepared = {}
-        self.lock = threading.Lock()
+        shape = check_shape("shape", shape)
+        group_size = _check_storage(fmt, shape, data, scales, group_size)
+        values = (fmt, shape, read_only_view(data), None if scales is None else read_only_view(scales), group_size,
+                  {}, threading.Lock())
+        for name, value in zip(self.__slots__, values):
+            object.__setattr__(self, name, value)
+
+    def __setattr__(self, name, value):
+        raise AttributeError(f"QuantizedMatrix is immutable: make a new one instead of setting {name!r}")
+
+    def __delattr__(self, name):
+        raise AttributeError(f"QuantizedMatrix is immutable: {name!r} cannot be deleted")
+
+    def __reduce__(self):   # copy and pickle through __init__ (derived layouts are rebuilt)
+        return QuantizedMatrix, (self.fmt, self.shape, self.data, self.scales, self.group_size)
 
     @classmethod
     def from_gguf(cls, tensor):
@@ -92,11 +109,61 @@ class QuantizedMatrix:
         return f"QuantizedMatrix(fmt={self.fmt!r}, shape={self.shape}, nbytes={self.nbytes})"
 
 
-def _read_only(array):
-    view = np.asarray(array).view()
-    view.flags.writeable = False
-    return view
+def _check_storage(fmt, shape, data, scales, group_size):
+    """The group size as an int; TypeError/ValueError unless data and scales hold an (out, in) = `shape`
+    matrix in `fmt`."""
+    check_choice("fmt", fmt, MATRIX_FORMATS)
+    group_size = _checked_group_size(fmt, group_size)
+    out_features, in_features = shape
+    if not isinstance(data, np.ndarray):
+        raise TypeError(f"data must be a NumPy array (a QuantizedMatrix lives on the host), got {type(data).__name__}")
+    check_array("data", data, 2, ("int8",) if fmt == "int8" else ("uint8",))
+    if fmt in QUANT_FORMATS:
+        if in_features % group_size:
+            raise ValueError(f"in_features ({in_features}) must be a multiple of group_size ({group_size})")
+        row_width = in_features // 2 if fmt == "int4" else in_features
+    else:
+        weights_per_block, block_bytes = reference.GGUF_BLOCKS[fmt]
+        if group_size != weights_per_block:
+            raise ValueError(f"group_size of a {fmt} matrix must be its block's {weights_per_block} weights, "
+                             f"got {group_size}")
+        if in_features % weights_per_block:
+            raise ValueError(f"in_features ({in_features}) must be a multiple of the {fmt} block "
+                             f"({weights_per_block} weights)")
+        row_width = in_features // weights_per_block * block_bytes
+    if tuple(data.shape) != (out_features, row_width):
+        raise ValueError(f"data has shape {tuple(data.shape)}, but a matrix of shape {shape} stored as {fmt} "
+                         f"needs data of shape {(out_features, row_width)}")
+    if not data.flags.c_contiguous:
+        raise ValueError("data must be C-contiguous (the kernels read whole rows at a fixed stride): pass "
+                         "np.ascontiguousarray(data)")
+    element = FLOAT_ELEMENT_BYTES.get(fmt, 1)
+    if data.size and data.ctypes.data % element:
+        raise ValueError(f"data of a {fmt} matrix must start at a multiple of {element} bytes: pass a copy")
+    if fmt not in QUANT_FORMATS:
+        if scales is not None:
+            raise ValueError(f"a {fmt} matrix keeps its scales inside its blocks: scales must be None")
+        return group_size
+    if scales is None:
+        raise ValueError(f"a matrix stored as {fmt} needs float32 scales of shape "
+                         f"{(out_features, in_features // group_size)}")
+    if not isinstance(scales, np.ndarray):
+        raise TypeError(f"scales must be a NumPy array, got {type(scales).__name__}")
+    check_array("scales", scales, 2, ("float32",))
+    if tuple(scales.shape) != (out_features, in_features // group_size):
+        raise ValueError(f"scales has shape {tuple(scales.shape)}, but {shape} in groups of {group_size} needs "
+                         f"{(out_features, in_features // group_size)}")
+    if not (scales.flags.c_contiguous and scales.flags.aligned):
+        raise ValueError("scales must be C-contiguous and aligned to 4 bytes: pass np.array(scales, order='C')")
+    return group_size
 
+
+def _checked_group_size(fmt, group_size):
+    if isinstance(group_size, bool) or not isinstance(group_size, numbers.Integral) or group_size < 1:
+        raise ValueError(f"group_size must be a positive integer, got {group_size!r}")
+    if fmt == "int4" and group_size % 2:
+        raise ValueError(f"group_size must be even for int4 (two codes a byte), got {group_size}")
+    return int(group_size)
 
 
 def _cpu_module(op):
@@ -109,10 +176,7 @@ def quantize_matrix(weight, fmt, *, group_size=32):
     """Store a float (out, in) matrix as group-wise symmetric "int8" or "int4" (see reference.py)."""
     check_choice("fmt", fmt, QUANT_FORMATS)
     check_array("weight", weight, 2, FLOAT_DTYPES)
-    if isinstance(group_size, bool) or not isinstance(group_size, (int, np.integer)) or group_size < 1:
-        raise ValueError(f"group_size must be a positive integer, got {group_size!r}")
-    if fmt == "int4" and group_size % 2:
-        raise ValueError(f"group_size must be even for int4 (two codes a byte), got {group_size}")
+    group_size = _checked_group_size(fmt, group_size)
     out_features, in_features = weight.shape
     if in_features % group_size:
         raise ValueError(f"weight has {in_features} columns (in_features), not a multiple of group_size={group_size}")
@@ -120,7 +184,7 @@ def quantize_matrix(weight, fmt, *, group_size=32):
     host = to_numpy(weight)
     if host.dtype == np.uint16:  # bf16 bits
         host = bf16_bits_to_float32(host)
-    codes, scales = reference.quantize(host, fmt, int(group_size))
+    codes, scales = reference.quantize(host, fmt, group_size)
     return QuantizedMatrix(fmt, weight.shape, codes, scales, group_size)
 
 

@@ -18,6 +18,7 @@ import triton.language as tl
 
 from .._backend import triton_interpreted
 from .._triton_launch import LaunchCache
+from .._triton_offsets import matrix_offsets, row_starts
 
 FORMATS = ("int8", "int4", "q8_0", "q4_k")
 _FORMAT_IDS = {"int8": 0, "int4": 1, "q8_0": 2, "q4_k": 3}
@@ -46,18 +47,18 @@ def _write(out, acc, mask, SPLIT_K: tl.constexpr):
 def _weight_tile(data_ptr, scales_ptr, row_bytes, n_groups, offs_n, offs_k, mask,
                  FMT: tl.constexpr, GROUP: tl.constexpr):
     """Decode W[offs_n, offs_k] (a [BLOCK_N, BLOCK_K] tile) to float32 in registers."""
-    rows = offs_n[:, None].to(tl.int64)
     k = offs_k[None, :]
-    row_ptr = data_ptr + rows * row_bytes
+    row_ptr = data_ptr + row_starts(offs_n, row_bytes)[:, None]
+    scales_row_ptr = scales_ptr + row_starts(offs_n, n_groups)[:, None]
     if FMT == 0:    # int8: codes (out, in), scale per group
         codes = tl.load(row_ptr + k, mask=mask, other=0).to(tl.int8, bitcast=True).to(tl.float32)
-        scale = tl.load(scales_ptr + rows * n_groups + k // GROUP, mask=mask, other=0.0)
+        scale = tl.load(scales_row_ptr + k // GROUP, mask=mask, other=0.0)
         w = codes * scale
     elif FMT == 1:  # int4: byte j of a group holds element j (low nibble) and j + GROUP/2 (high)
         in_group = k % GROUP
         byte = tl.load(row_ptr + (k // GROUP) * (GROUP // 2) + in_group % (GROUP // 2), mask=mask, other=0)
         nibble = (byte >> ((in_group // (GROUP // 2)) * 4).to(tl.uint8)) & 15
-        scale = tl.load(scales_ptr + rows * n_groups + k // GROUP, mask=mask, other=0.0)
+        scale = tl.load(scales_row_ptr + k // GROUP, mask=mask, other=0.0)
         w = (nibble.to(tl.float32) - 8.0) * scale
     elif FMT == 2:  # q8_0: 34-byte blocks, fp16 d then 32 int8 codes
         block_ptr = row_ptr + (k // 32) * 34
@@ -90,11 +91,11 @@ def qgemv_kernel(x_ptr, data_ptr, scales_ptr, out_ptr, N, K, row_bytes, n_groups
     for k0 in range(k_start, k_start + k_per_split, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < K
-        x = tl.load(x_ptr + m * K + offs_k, mask=mask_k, other=0.0).to(tl.float32)
+        x = tl.load(x_ptr + row_starts(m, K) + offs_k, mask=mask_k, other=0.0).to(tl.float32)
         mask = (offs_n[:, None] < N) & mask_k[None, :]
         w = _weight_tile(data_ptr, scales_ptr, row_bytes, n_groups, offs_n, offs_k, mask, FMT, GROUP)
         acc += tl.sum(w * x[None, :], axis=1)
-    _write(out_ptr + m * N + offs_n, acc, offs_n < N, SPLIT_K)
+    _write(out_ptr + row_starts(m, N) + offs_n, acc, offs_n < N, SPLIT_K)
 
 
 @triton.jit
@@ -106,23 +107,23 @@ def qgemv_int4_kernel(x_ptr, data_ptr, scales_ptr, out_ptr, N, K, row_bytes, n_g
     m = tl.program_id(0)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
-    rows = offs_n.to(tl.int64)
+    x_row = x_ptr + row_starts(m, K)
     b_start = tl.program_id(2) * bytes_per_split
     acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for b0 in range(b_start, b_start + bytes_per_split, BLOCK_B):
         b = b0 + tl.arange(0, BLOCK_B)
         mask_b = b < row_bytes
         mask = mask_n[:, None] & mask_b[None, :]
-        packed = tl.load(data_ptr + rows[:, None] * row_bytes + b[None, :], mask=mask, other=0)
+        packed = tl.load(data_ptr + matrix_offsets(offs_n, b, row_bytes), mask=mask, other=0)
         group = b // HALF
         first = group * GROUP + (b - group * HALF)      # the element of the low nibble
-        x_low = tl.load(x_ptr + m * K + first, mask=mask_b, other=0.0).to(tl.float32)
-        x_high = tl.load(x_ptr + m * K + first + HALF, mask=mask_b, other=0.0).to(tl.float32)
+        x_low = tl.load(x_row + first, mask=mask_b, other=0.0).to(tl.float32)
+        x_high = tl.load(x_row + first + HALF, mask=mask_b, other=0.0).to(tl.float32)
         low = (packed & 15).to(tl.float32) - 8.0
         high = (packed >> 4).to(tl.float32) - 8.0
-        scale = tl.load(scales_ptr + rows[:, None] * n_groups + group[None, :], mask=mask, other=0.0)
+        scale = tl.load(scales_ptr + matrix_offsets(offs_n, group, n_groups), mask=mask, other=0.0)
         acc += tl.sum((low * x_low[None, :] + high * x_high[None, :]) * scale, axis=1)
-    _write(out_ptr + m * N + offs_n, acc, mask_n, SPLIT_K)
+    _write(out_ptr + row_starts(m, N) + offs_n, acc, mask_n, SPLIT_K)
 
 
 @triton.jit
@@ -154,14 +155,14 @@ def qgemv_q4_k_kernel(x_ptr, data_ptr, out_ptr, N, K, row_bytes, blocks_per_spli
     first_block = tl.program_id(2) * blocks_per_split
     acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for sb in range(first_block, tl.minimum(first_block + blocks_per_split, n_blocks)):
-        block_ptr = data_ptr + offs_n.to(tl.int64) * row_bytes + sb * 144
+        block_ptr = data_ptr + row_starts(offs_n, row_bytes) + sb * 144
         d = _fp16_at(block_ptr, mask_n)
         dmin = _fp16_at(block_ptr + 2, mask_n)
         scale_low, min_low = _q4_k_scale_min(block_ptr, 2 * pair, mask_n)
         scale_high, min_high = _q4_k_scale_min(block_ptr, 2 * pair + 1, mask_n)
         codes = tl.load(block_ptr[:, None, None] + 16 + pair[None, :, None] * 32 + i[None, None, :],
                         mask=mask_n[:, None, None], other=0)
-        x_block = x_ptr + m * K + sb * 256 + pair[:, None] * 64 + i[None, :]
+        x_block = x_ptr + row_starts(m, K) + sb * 256 + pair[:, None] * 64 + i[None, :]
         x_low = tl.load(x_block).to(tl.float32)            # [4, 32]: sub-block 2j
         x_high = tl.load(x_block + 32).to(tl.float32)      # sub-block 2j + 1
         dot_low = tl.sum((codes & 15).to(tl.float32) * x_low[None, :, :], axis=2)     # [BLOCK_N, 4]
@@ -170,7 +171,7 @@ def qgemv_q4_k_kernel(x_ptr, data_ptr, out_ptr, N, K, row_bytes, blocks_per_spli
         sum_high = tl.sum(x_high, axis=1)
         acc += d * tl.sum(scale_low * dot_low + scale_high * dot_high, axis=1)
         acc -= dmin * tl.sum(min_low * sum_low[None, :] + min_high * sum_high[None, :], axis=1)
-    _write(out_ptr + m * N + offs_n, acc, mask_n, SPLIT_K)
+    _write(out_ptr + row_starts(m, N) + offs_n, acc, mask_n, SPLIT_K)
 
 
 @triton.jit
@@ -184,13 +185,13 @@ def qgemm_kernel(x_ptr, data_ptr, scales_ptr, out_ptr, M, N, K, row_bytes, n_gro
     for k0 in range(k_start, tl.minimum(k_start + k_per_split, K), BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < K
-        x = tl.load(x_ptr + offs_m[:, None] * K + offs_k[None, :],
+        x = tl.load(x_ptr + matrix_offsets(offs_m, offs_k, K),
                     mask=(offs_m[:, None] < M) & mask_k[None, :], other=0.0).to(tl.float32)
         w = _weight_tile(data_ptr, scales_ptr, row_bytes, n_groups, offs_n, offs_k,
                          (offs_n[:, None] < N) & mask_k[None, :], FMT, GROUP)
         acc += tl.dot(x, tl.trans(w))
     mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
-    _write(out_ptr + offs_m[:, None] * N + offs_n[None, :], acc, mask, SPLIT_K)
+    _write(out_ptr + matrix_offsets(offs_m, offs_n, N), acc, mask, SPLIT_K)
 
 
 _launch_qgemv, _launch_qgemv_int4, _launch_qgemv_q4_k, _launch_qgemm = (

@@ -17,14 +17,17 @@ import threading
 
 import numpy as np
 
-from .._backend import like, to_numpy, to_numpy_float32
+from .._backend import dtype_name, is_tensor, like, read_only_view, to_numpy, to_numpy_float32
+from .._rows import ROW_DTYPES, RowTable
 from .._validate import FLOAT_DTYPES, INDEX_DTYPES, check_array, check_choice, check_finite, check_offsets
-from ..quantize_rows import ROW_DTYPES, RowTable, quantize_rows
-from . import METRICS, check_k, topk  # this module is imported at the end of the package's __init__
+from ..quantize_rows import quantize_rows
+from .search import METRICS, check_k, topk
 
 COMPACT_FRACTION = 32   # compact once retired rows exceed 1/32 of the rows (and MIN_COMPACT)
 MIN_COMPACT = 1024
 FORMAT_VERSION = 1
+ARGUMENT_ORDER = ("ItemIndex.add takes (ids, vectors), ids first, where FAISS's add_with_ids takes (vectors, ids): "
+                  "pass them by name, add(ids=..., vectors=...)")
 
 
 class _Snapshot:
@@ -84,7 +87,12 @@ class ItemIndex:
     # ---- writes -------------------------------------------------------------------------
 
     def add(self, ids, vectors):
-        """Add items (n,) int ids with float (n, dim) vectors; an existing id is replaced."""
+        """Add items (n,) int ids with float (n, dim) vectors; an existing id is replaced.
+
+        The ids come first (FAISS's add_with_ids(x, ids) is the other way round): floats as ids or
+        1-D integers as vectors raise TypeError saying so. Keywords work: add(ids=..., vectors=...).
+        """
+        self._check_argument_order(ids, vectors)
         check_array("ids", ids, 1, INDEX_DTYPES)
         check_array("vectors", vectors, 2, FLOAT_DTYPES)
         if vectors.shape[1] != self.dim:
@@ -93,7 +101,9 @@ class ItemIndex:
             raise ValueError(f"ids has {ids.shape[0]} entries but vectors has {vectors.shape[0]} rows")
         check_finite("vectors", vectors)
         ids = to_numpy(ids).astype(np.int64)
-        if ids.size and ids.min() < 0:
+        if ids.size == 0:
+            return
+        if ids.min() < 0:
             raise ValueError(f"ids must be >= 0 (-1 marks padding in results), got {int(ids.min())}")
         # A repeated id keeps its last vector.
         reversed_unique, first = np.unique(ids[::-1], return_index=True)
@@ -114,6 +124,16 @@ class ItemIndex:
             self._row_of.update(zip(ids.tolist(), range(n, n + len(ids))))
             retired = np.union1d(snap.retired, np.asarray(replaced, np.int64))
             self._publish(n + len(ids), retired)
+
+    def _check_argument_order(self, ids, vectors):
+        """TypeError for the two mistakes FAISS's argument order makes: float ids, 1-D integer vectors."""
+        if (isinstance(ids, np.ndarray) or is_tensor(ids)) and dtype_name(ids) in FLOAT_DTYPES:
+            raise TypeError(f"ids must be int32 or int64, got {dtype_name(ids)} of shape {tuple(ids.shape)}. "
+                            + ARGUMENT_ORDER)
+        if ((isinstance(vectors, np.ndarray) or is_tensor(vectors)) and dtype_name(vectors) in INDEX_DTYPES
+                and vectors.ndim == 1):
+            raise TypeError(f"vectors must be a float (n, {self.dim}) matrix, got 1-D {dtype_name(vectors)}. "
+                            + ARGUMENT_ORDER)
 
     def remove(self, ids):
         """Remove items by id (unknown ids are ignored); returns how many were removed."""
@@ -150,10 +170,9 @@ class ItemIndex:
             self._buffers = [None if b is None else b[live] for b in self._buffers]
             self._row_of = dict(zip(self._buffers[3].tolist(), range(len(live))))
             n, retired = len(live), np.zeros(0, np.int64)
-        data, scale, bias, row_ids = self._buffers
-        table = RowTable(self.dtype, (n, self.dim), data[:n],
-                         None if scale is None else scale[:n], None if bias is None else bias[:n])
-        self._snapshot = _Snapshot(table, row_ids[:n], retired)
+        # Read-only views: rows a snapshot can see are never written again (appends go past n).
+        data, scale, bias, row_ids = (None if b is None else read_only_view(b[:n]) for b in self._buffers)
+        self._snapshot = _Snapshot(RowTable(self.dtype, (n, self.dim), data, scale, bias), row_ids, retired)
 
     # ---- reads --------------------------------------------------------------------------
 

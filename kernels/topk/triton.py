@@ -18,6 +18,7 @@ import triton.language as tl
 
 from .._backend import triton_interpreted, warn_once
 from .._triton_launch import LaunchCache
+from .._triton_offsets import matrix_offsets
 
 METRIC_CODES = {"ip": 0, "cosine": 1, "l2": 2}
 # A program keeps its queries' best K_PAD keys in registers. Compiled for an H100
@@ -34,6 +35,7 @@ IP, COSINE, L2 = (tl.constexpr(code) for code in range(3))   # a jit function re
 # out-of-range entries get this key and come out as padding.
 FLOOR_KEY = ((-2139095041) << 32) | 0xFFFFFFFF
 FLOOR_KEY_CONSTEXPR = tl.constexpr(FLOOR_KEY)
+MAX_ROWS = (1 << 32) - 1   # a key holds a row id in its low 32 bits
 
 
 @triton.jit
@@ -51,9 +53,11 @@ def _partial_topk_kernel(q_ptr, q_sq_ptr, q_sum_ptr, x_ptr, scale_ptr, bias_ptr,
     floor = tl.full((BLOCK_Q, BLOCK_N), FLOOR_KEY_CONSTEXPR, tl.int64)
     best = tl.full((BLOCK_Q, K_PAD), FLOOR_KEY_CONSTEXPR, tl.int64)
     bad = tl.zeros((BLOCK_Q, BLOCK_N), tl.int32)
-    n_tiles = tl.cdiv(N, BLOCK_N)
-    for t in range(split * tiles_per_split, tl.minimum((split + 1) * tiles_per_split, n_tiles)):
-        rn = t * BLOCK_N + tl.arange(0, BLOCK_N)
+    # This split's rows, [first, last): int64, as row ids go up to MAX_ROWS.
+    first = split.to(tl.int64) * tiles_per_split * BLOCK_N
+    last = tl.minimum((split + 1).to(tl.int64) * tiles_per_split * BLOCK_N, N)
+    for start in range(first, last, BLOCK_N):
+        rn = start + tl.arange(0, BLOCK_N).to(tl.int64)
         n_ok = rn < N
         dots = tl.zeros((BLOCK_Q, BLOCK_N), tl.float32)
         x_sq = tl.zeros((BLOCK_N,), tl.float32)
@@ -63,8 +67,8 @@ def _partial_topk_kernel(q_ptr, q_sq_ptr, q_sum_ptr, x_ptr, scale_ptr, bias_ptr,
         for d0 in range(0, D, BLOCK_D):
             rd = d0 + tl.arange(0, BLOCK_D)
             d_ok = rd < D
-            q = tl.load(q_ptr + rq[:, None] * D + rd[None, :], mask=q_ok[:, None] & d_ok[None, :], other=0.0)
-            x = tl.load(x_ptr + rn[:, None] * D + rd[None, :], mask=n_ok[:, None] & d_ok[None, :], other=0)
+            q = tl.load(q_ptr + matrix_offsets(rq, rd, D), mask=q_ok[:, None] & d_ok[None, :], other=0.0)
+            x = tl.load(x_ptr + matrix_offsets(rn, rd, D), mask=n_ok[:, None] & d_ok[None, :], other=0)
             x = x.to(tl.float32)
             if BLOCK_Q >= 16:
                 dots = tl.dot(q, tl.trans(x), dots, input_precision="ieee")
@@ -92,16 +96,16 @@ def _partial_topk_kernel(q_ptr, q_sq_ptr, q_sum_ptr, x_ptr, scale_ptr, bias_ptr,
         valid = q_ok[:, None] & n_ok[None, :]
         bad |= (valid & ((score != score) | (tl.abs(score) == float("inf")))).to(tl.int32)
         if HAS_EXCLUDE:
-            words = tl.load(excl_ptr + rq[:, None] * words_per_query + (rn[None, :] >> 6), mask=valid, other=0)
-            valid = valid & (((words >> (rn[None, :] & 63).to(tl.int64)) & 1) == 0)
+            words = tl.load(excl_ptr + matrix_offsets(rq, rn >> 6, words_per_query), mask=valid, other=0)
+            valid = valid & (((words >> (rn[None, :] & 63)) & 1) == 0)
         bits = score.to(tl.int32, bitcast=True)
         order = bits ^ ((bits >> 31) & 0x7FFFFFFF)
-        keys = (order.to(tl.int64) << 32) | (4294967295 - rn.to(tl.int64))[None, :]
+        keys = (order.to(tl.int64) << 32) | (4294967295 - rn)[None, :]
         keys = tl.where(valid, keys, floor)
         candidates = tl.topk(keys, K_PAD, dim=1)
         best = tl.sort(tl.maximum(best, tl.flip(candidates, 1)), dim=1, descending=True)
     rk = tl.arange(0, K_PAD)
-    tl.store(out_ptr + (rq[:, None] * n_splits + split) * K_PAD + rk[None, :], best, mask=q_ok[:, None])
+    tl.store(out_ptr + matrix_offsets(rq * n_splits + split, rk, K_PAD), best, mask=q_ok[:, None])
     tl.store(bad_ptr + pid_q * n_splits + split, tl.max(tl.max(bad, axis=1), axis=0))
 
 
@@ -183,6 +187,8 @@ def topk(queries, corpus, k, metric, exclude):
         corpus = corpus.to(device)
     B, D = queries.shape
     N = corpus.shape[0]
+    if N > MAX_ROWS:
+        raise ValueError(f"corpus has {N} rows; the Triton top-k numbers rows in 32 bits (at most {MAX_ROWS})")
     queries = queries.to(torch.float32).contiguous()
     if corpus.dtype == "int4" or k > MAX_K:
         if corpus.dtype == "int4":
