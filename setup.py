@@ -50,8 +50,8 @@ extensions = [
     Extension("recscore.bindings._cpu", ["bindings/_cpu.pyx"], depends=["bindings/_cpu.h"], include_dirs=["bindings"],
               extra_compile_args=["-O3"]),
     c_kernels("_qmatmul_vnni", []),
-    c_kernels("_embedding_bag", []),
-    c_kernels("_topk_scan", []),
+    c_kernels("_embedding_bag", ("baseline", "avx2", "avx512")),
+    c_kernels("_topk_scan", ("baseline", "avx2", "avx512", "avx512_vnni")),
 ]
 
 
@@ -74,6 +74,8 @@ setup(
         "recscore.kernels.embedding_bag",
         "recscore.kernels.topk",
         "recscore.kernels.qmatmul",
+        "recscore.models",
+        "recscore.serve",
     ],
     package_dir={
         "recscore": "engine",
@@ -83,6 +85,8 @@ setup(
         "recscore.kernels.embedding_bag": "kernels/embedding_bag",
         "recscore.kernels.topk": "kernels/topk",
         "recscore.kernels.qmatmul": "kernels/qmatmul",
+        "recscore.models": "engine/models",
+        "recscore.serve": "engine/serve",
     },
     ext_modules=cythonize(extensions, nthreads=CYTHON_PROCESSES, language_level=3, compiler_directives={"boundscheck": False, "wraparound": False}),
 )

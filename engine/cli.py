@@ -3,6 +3,7 @@ import argparse
 import sys
 
 from . import commands as engine_commands
+from .serve import commands as serve_commands
 
 
 def main(argv=None):
@@ -14,9 +15,33 @@ def main(argv=None):
     demo.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16", "int8", "int4"],
                       help="how item rows are stored for lookup and retrieval (default fp32)")
     engine_commands.add_parsers(commands)
+    serve_commands.add_parsers(commands)
+    encode = commands.add_parser("encode", help="embed texts with all-MiniLM-L6-v2 on the int8 kernels (recscore.models.minilm)")
+    encode.add_argument("texts", nargs="+", metavar="text")
+    encode.add_argument("--dtype", default="int8", choices=["int8", "int4", "fp32"], help="weights (default int8)")
+    encode.add_argument("--values", type=int, default=6, help="leading values printed per vector (default 6)")
+    generate = commands.add_parser("generate", help="continue a prompt with a GGUF LLM (default: the packaged Gemma 3 270M)")
+    generate.add_argument("prompt")
+    generate.add_argument("-n", "--max-new-tokens", type=int, default=128)
+    generate.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy")
+    generate.add_argument("--top-k", type=int, default=0, help="0 (default): off")
+    generate.add_argument("--top-p", type=float, default=1.0, help="1 (default): off")
+    generate.add_argument("--seed", type=int)
+    generate.add_argument("--stop", action="append", default=[], help="stop before this text (repeatable)")
+    generate.add_argument("--model", metavar="GGUF", help="a Gemma 3 GGUF file instead of the packaged one")
+    generate.add_argument("--context", type=int, default=4096, help="KV cache positions (default 4096)")
+    generate.add_argument("--threads", type=int, help="kernel threads (default: all cores)")
     args = parser.parse_args(argv)
+    if args.command == "encode":
+        from .models.minilm import encode_command
+        return encode_command(args)
+    if args.command == "generate":
+        from .models.llm import generate_command
+        return generate_command(args)
     if args.command in engine_commands.ENGINE_COMMANDS:
         return engine_commands.run(args)
+    if args.command in serve_commands.SERVE_COMMANDS:
+        return serve_commands.run(args)
 
     from . import demo as demo_module
     if args.movielens:
