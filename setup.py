@@ -39,7 +39,8 @@ def c_kernels(name, levels):
     run time, so the extension loads on any x86-64 CPU (and any other, at the baseline level).
     """
     return Extension(f"recscore.bindings.{name}", [f"bindings/{name}.pyx"] + [level_source(name, level) for level in levels],
-                     depends=[f"bindings/{name}.h", f"bindings/{name}_simd.h", "bindings/_simd.h", "bindings/_cpu.h"],
+                     depends=[f"bindings/{name}.h", f"bindings/{name}_simd.h", "bindings/_simd.h", "bindings/_cpu.h",
+                              "bindings/_codes.h"],
                      include_dirs=[np.get_include(), "bindings"], extra_compile_args=["-O3", "-fopenmp"],
                      extra_link_args=["-fopenmp"], define_macros=NUMPY_API)
 
@@ -47,9 +48,9 @@ def c_kernels(name, levels):
 extensions = [
     Extension("recscore.bindings._checks", ["bindings/_checks.pyx"], include_dirs=[np.get_include()],
               extra_compile_args=["-O3"], define_macros=NUMPY_API),
-    Extension("recscore.bindings._cpu", ["bindings/_cpu.pyx"], depends=["bindings/_cpu.h"], include_dirs=["bindings"],
-              extra_compile_args=["-O3"]),
-    c_kernels("_qmatmul_vnni", []),
+    Extension("recscore.bindings._cpu", ["bindings/_cpu.pyx"], depends=["bindings/_cpu.h", "bindings/_codes.h"],
+              include_dirs=["bindings"], extra_compile_args=["-O3"]),
+    c_kernels("_qmatmul", LEVELS),
     c_kernels("_embedding_bag", ("baseline", "avx2", "avx512")),
     c_kernels("_topk_scan", ("baseline", "avx2", "avx512", "avx512_vnni")),
 ]

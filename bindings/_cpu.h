@@ -21,8 +21,9 @@ static int rs_cpu_detect(void)
     unsigned a, b, c, d;
     if (!__get_cpuid_count(1, 0, &a, &b, &c, &d))
         return RS_BASELINE;
-    const int fma = (c >> 12) & 1, osxsave = (c >> 27) & 1, avx = (c >> 28) & 1, f16c = (c >> 29) & 1;
-    if (!(osxsave && avx && fma && f16c))
+    const int fma = (c >> 12) & 1, popcnt = (c >> 23) & 1, osxsave = (c >> 27) & 1, avx = (c >> 28) & 1,
+              f16c = (c >> 29) & 1;
+    if (!(osxsave && avx && fma && f16c && popcnt))
         return RS_BASELINE;
     unsigned xcr0_low, xcr0_high;
     __asm__ volatile("xgetbv" : "=a"(xcr0_low), "=d"(xcr0_high) : "c"(0));
@@ -30,8 +31,8 @@ static int rs_cpu_detect(void)
         return RS_BASELINE;
     if (!__get_cpuid_count(7, 0, &a, &b, &c, &d))
         return RS_BASELINE;
-    const int avx2 = (b >> 5) & 1, bmi2 = (b >> 8) & 1;
-    if (!(avx2 && bmi2))
+    const int bmi1 = (b >> 3) & 1, avx2 = (b >> 5) & 1, bmi2 = (b >> 8) & 1;   /* every feature _simd.h's targets name */
+    if (!(avx2 && bmi1 && bmi2))
         return RS_BASELINE;
     const int avx512 = ((b >> 16) & 1) && ((b >> 17) & 1) && ((b >> 30) & 1) && ((b >> 31) & 1);   /* F DQ BW VL */
     if (!avx512 || (xcr0_low & 0xE0) != 0xE0)   /* the OS saves opmask and zmm state */
@@ -51,6 +52,6 @@ static int rs_cpu_level(void)
     return level;
 }
 
-static int rs_level_ok(int level) { return level >= 0 && level <= rs_cpu_level(); }
+static inline int rs_level_ok(int level) { return level >= 0 && level <= rs_cpu_level(); }
 
 #endif

@@ -129,7 +129,8 @@ SIMD_INLINE vf vf_zero(void) { return _mm512_setzero_ps(); }
 SIMD_INLINE vf vf_set1(float x) { return _mm512_set1_ps(x); }
 SIMD_INLINE vf vf_load(const float *p) { return _mm512_loadu_ps(p); }
 SIMD_INLINE void vf_store(float *p, vf v) { _mm512_storeu_ps(p, v); }
-SIMD_INLINE vmask vmask_first(int n) { return (vmask)(n >= 16 ? 0xFFFF : (1u << (n < 0 ? 0 : n)) - 1); }
+/* Branch-free (one bzhi), so a loop-invariant n stays hoisted out of the loop. */
+SIMD_INLINE vmask vmask_first(int n) { return (vmask)_bzhi_u32(0xFFFF, (unsigned)(n < 0 ? 0 : n > 16 ? 16 : n)); }
 /* The first n lanes (0 <= n <= VF_LANES) from p, the rest 0; reads p[0..n-1] only. */
 SIMD_INLINE vf vf_load_n(const float *p, int n) { return _mm512_maskz_loadu_ps(vmask_first(n), p); }
 SIMD_INLINE void vf_store_n(float *p, vf v, int n) { _mm512_mask_storeu_ps(p, vmask_first(n), v); }
@@ -185,6 +186,8 @@ SIMD_INLINE vi vi_zero(void) { return _mm512_setzero_si512(); }
 SIMD_INLINE vi vi_set1(int32_t x) { return _mm512_set1_epi32(x); }
 SIMD_INLINE vi vi_load(const void *p) { return _mm512_loadu_si512(p); }   /* VF_LANES int32 or 4 * VF_LANES bytes */
 SIMD_INLINE void vi_store(void *p, vi v) { _mm512_storeu_si512(p, v); }
+/* The VF_LANES int32 lanes as VF_LANES bytes at p, each saturated to int8. */
+SIMD_INLINE void vi_store_i8(int8_t *p, vi v) { _mm_storeu_si128((__m128i *)p, _mm512_cvtsepi32_epi8(v)); }
 SIMD_INLINE vi vi_add(vi a, vi b) { return _mm512_add_epi32(a, b); }
 SIMD_INLINE vi vi_sub(vi a, vi b) { return _mm512_sub_epi32(a, b); }
 SIMD_INLINE vi vi_mullo(vi a, vi b) { return _mm512_mullo_epi32(a, b); }
@@ -224,6 +227,7 @@ SIMD_INLINE vi vi_dot_i8(vi acc, vi a, vi b)
 SIMD_INLINE vi vi_dpbusw(vi acc, vi u, vi s) { return _mm512_add_epi16(acc, _mm512_maddubs_epi16(u, s)); }
 SIMD_INLINE vi vi_and(vi a, vi b) { return _mm512_and_si512(a, b); }
 SIMD_INLINE vi vi_or(vi a, vi b) { return _mm512_or_si512(a, b); }
+SIMD_INLINE vi vi_xor(vi a, vi b) { return _mm512_xor_si512(a, b); }
 SIMD_INLINE vi vi_srli(vi a, int n) { return _mm512_srli_epi32(a, (unsigned)n); }   /* logical, per int32 lane */
 SIMD_INLINE vi vi_slli(vi a, int n) { return _mm512_slli_epi32(a, (unsigned)n); }
 SIMD_INLINE vi vi_srlv(vi a, vi n) { return _mm512_srlv_epi32(a, n); }   /* lane i shifted right by n[i] (0..31) */
@@ -387,6 +391,11 @@ SIMD_INLINE vi vi_zero(void) { return _mm256_setzero_si256(); }
 SIMD_INLINE vi vi_set1(int32_t x) { return _mm256_set1_epi32(x); }
 SIMD_INLINE vi vi_load(const void *p) { return _mm256_loadu_si256((const __m256i *)p); }
 SIMD_INLINE void vi_store(void *p, vi v) { _mm256_storeu_si256((__m256i *)p, v); }
+SIMD_INLINE void vi_store_i8(int8_t *p, vi v)
+{
+    const __m128i words = _mm_packs_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    _mm_storel_epi64((__m128i *)p, _mm_packs_epi16(words, words));
+}
 SIMD_INLINE vi vi_add(vi a, vi b) { return _mm256_add_epi32(a, b); }
 SIMD_INLINE vi vi_sub(vi a, vi b) { return _mm256_sub_epi32(a, b); }
 SIMD_INLINE vi vi_mullo(vi a, vi b) { return _mm256_mullo_epi32(a, b); }
@@ -408,6 +417,7 @@ SIMD_INLINE vi vi_dot_i8(vi acc, vi a, vi b) { return vi_dpbusd(acc, _mm256_abs_
 SIMD_INLINE vi vi_dpbusw(vi acc, vi u, vi s) { return _mm256_add_epi16(acc, _mm256_maddubs_epi16(u, s)); }
 SIMD_INLINE vi vi_and(vi a, vi b) { return _mm256_and_si256(a, b); }
 SIMD_INLINE vi vi_or(vi a, vi b) { return _mm256_or_si256(a, b); }
+SIMD_INLINE vi vi_xor(vi a, vi b) { return _mm256_xor_si256(a, b); }
 SIMD_INLINE vi vi_srli(vi a, int n) { return _mm256_srli_epi32(a, n); }
 SIMD_INLINE vi vi_slli(vi a, int n) { return _mm256_slli_epi32(a, n); }
 SIMD_INLINE vi vi_srlv(vi a, vi n) { return _mm256_srlv_epi32(a, n); }
@@ -510,6 +520,11 @@ SIMD_INLINE vi vi_zero(void) { SIMD_LANEWISE(vi, 0); }
 SIMD_INLINE vi vi_set1(int32_t x) { SIMD_LANEWISE(vi, x); }
 SIMD_INLINE vi vi_load(const void *p) { vi r; memcpy(r.v, p, sizeof r.v); return r; }
 SIMD_INLINE void vi_store(void *p, vi v) { memcpy(p, v.v, sizeof v.v); }
+SIMD_INLINE void vi_store_i8(int8_t *p, vi v)
+{
+    for (int j = 0; j < 8; j++)
+        p[j] = (int8_t)(v.v[j] < -128 ? -128 : v.v[j] > 127 ? 127 : v.v[j]);
+}
 SIMD_INLINE vi vi_add(vi a, vi b) { SIMD_LANEWISE(vi, (int32_t)((uint32_t)a.v[j] + (uint32_t)b.v[j])); }
 SIMD_INLINE vi vi_sub(vi a, vi b) { SIMD_LANEWISE(vi, (int32_t)((uint32_t)a.v[j] - (uint32_t)b.v[j])); }
 SIMD_INLINE vi vi_mullo(vi a, vi b) { SIMD_LANEWISE(vi, (int32_t)((uint32_t)a.v[j] * (uint32_t)b.v[j])); }
@@ -556,6 +571,7 @@ SIMD_INLINE vi vi_dpbusw(vi acc, vi u, vi s)
 }
 SIMD_INLINE vi vi_and(vi a, vi b) { SIMD_LANEWISE(vi, a.v[j] & b.v[j]); }
 SIMD_INLINE vi vi_or(vi a, vi b) { SIMD_LANEWISE(vi, a.v[j] | b.v[j]); }
+SIMD_INLINE vi vi_xor(vi a, vi b) { SIMD_LANEWISE(vi, a.v[j] ^ b.v[j]); }
 SIMD_INLINE vi vi_srli(vi a, int n) { SIMD_LANEWISE(vi, (int32_t)((uint32_t)a.v[j] >> n)); }
 SIMD_INLINE vi vi_slli(vi a, int n) { SIMD_LANEWISE(vi, (int32_t)((uint32_t)a.v[j] << n)); }
 SIMD_INLINE vi vi_srlv(vi a, vi n) { SIMD_LANEWISE(vi, (int32_t)((uint32_t)a.v[j] >> (n.v[j] & 31))); }

@@ -1,19 +1,19 @@
 """Quantized matrices and qmatmul: every backend against the float64 reference, GGUF formats bit
 for bit against gguf.quants on random blocks (written to and read back from a .gguf file) and on
-every tensor of the real Gemma 3 270M file.
+the tensors of the real Gemma 3 270M file; the CPU kernels at every vector level (cpu_level).
 
 Error bounds, with y64 the float64 product of x and dequantize():
-- float32 activations (reference; cpu for f16/f32; cpu "float" = the Numba kernels, as on a
-  CPU without VNNI): |y - y64| <= rtol * (|x| @ |W|.T): reference 1.2e-7 (one rounding of the
-  float64 result); cpu 2e-5 for every format, 5e-5 for q4_k and int4, whose fused GEMV computes
-  scale * sum(q * x) - offset * sum(x) and so also rounds the offset term; triton 2e-5 under the
-  interpreter, 2e-3 on a GPU (tl.dot in tf32).
-- int8 activations (cpu, every M, q8_0/q5_0/q4_k/q6_k/int8/int4 on an AVX-512 VNNI CPU): x is
-  rounded to d * rint(x / d) with d = max|x| / 127 per block of 32, an error of at most d / 2
-  per element, so |y - y64| <= (1.01 / 254 + 2e-5) * (xmax @ |Wq|.T), xmax = each |x| replaced by
-  its block's max, |Wq| = |W| except for q4_k, whose integer part d*sc*q is |W + dmin*m| (the
-  mins term uses the exact float sum of x). Relative L2 error on Gaussian x: 3e-3..8e-3 for every
-  format, asserted < 1e-2.
+- float32 activations (reference; cpu for f16/f32 and group sizes the integer path does not take;
+  the cpu float kernel called directly for every format): |y - y64| <= rtol * (|x| @ |W|.T): reference
+  1.2e-7 (one rounding of the float64 result); cpu 2e-5; triton 2e-5 under the interpreter, 2e-3
+  on a GPU (tl.dot in tf32).
+- int8 activations (cpu, every M, every level: q8_0, q5_0, q4_k, q6_k, int8 and int4 where
+  cpu.int8_activations): x is rounded to d * rint(x / d) with d = max|x| / 127 per block of 32, an
+  error of at most d / 2 per element, so |y - y64| <= (1.01 / 254 + 2e-5) * (xmax @ |Wq|.T),
+  xmax = each |x| replaced by its block's max, |Wq| = |W| except for q4_k, whose integer part
+  d*sc*q is |W + dmin*m| (the mins term uses the exact float sum of x). Relative L2 error on
+  Gaussian x: 3e-3..8e-3 for every format, asserted < 1e-2. The integer dot products are exact at
+  every level: with unit scales and integer activations every path returns the exact product.
 quantize_matrix itself: |w - dequantized| <= scale / 2 per weight, scale = group max|w| / 127
 (int8) or / 7 (int4).
 """
@@ -27,7 +27,9 @@ from gguf import GGMLQuantizationType as QT
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from recscore.bindings import _qmatmul
 from recscore.kernels import QuantizedMatrix, qmatmul, quantize_matrix, use_backend
+from recscore.kernels._cpu import LEVELS, cpu_level as current_level, use_cpu_level
 from recscore.kernels.qmatmul import cpu, reference
 
 HAS_CUDA = torch.cuda.is_available()
@@ -35,11 +37,16 @@ HAS_CUDA = torch.cuda.is_available()
 GGUF_TYPES = {"f32": QT.F32, "f16": QT.F16, "q8_0": QT.Q8_0, "q5_0": QT.Q5_0, "q4_k": QT.Q4_K, "q6_k": QT.Q6_K}
 # byte offsets of each block's fp16 scales: random bytes there could be NaN/inf
 FP16_SCALE_OFFSETS = {"q8_0": (0,), "q5_0": (0,), "q4_k": (0, 2), "q6_k": (208,)}
-OUT_FEATURES = 37                      # odd, not a multiple of any tile
+OUT_FEATURES = 37                      # odd: not a multiple of any tile or panel height
 IN_FEATURES = {"f32": 96, "f16": 96, "q8_0": 96, "q5_0": 96, "q4_k": 512, "q6_k": 512, "int8": 96, "int4": 128}
-RTOL = {"reference": 1.2e-7, "cpu": 2e-5, "float": 2e-5, "triton": 2e-3 if HAS_CUDA else 2e-5}   # GPU tl.dot runs in tf32
-OFFSET_TERM_FORMATS = ("q4_k", "int4")   # cpu GEMV rounds an extra offset * sum(x) term
-M_VALUES = (1, 2, 7, 16, 64, 300)
+RTOL = {"reference": 1.2e-7, "cpu": 2e-5, "triton": 2e-3 if HAS_CUDA else 2e-5}   # GPU tl.dot runs in tf32
+M_VALUES = (1, 2, 3, 7, 16, 17, 128)
+K_VALUES = (32, 256, 512, 640)
+# (format, group size) of every matrix the kernels take; int8/int4 groups of 16 and 96 (int4) run the
+# float kernel
+CASES = [("q8_0", 32), ("q5_0", 32), ("q4_k", 256), ("q6_k", 256), ("f16", 1), ("f32", 1), ("int8", 32),
+         ("int8", 64), ("int8", 96), ("int8", 16), ("int4", 32), ("int4", 64), ("int4", 128), ("int4", 96),
+         ("int4", 16)]
 
 
 def random_blocks(rng, fmt, rows, in_features):
@@ -55,6 +62,18 @@ def random_blocks(rng, fmt, rows, in_features):
         scales[::7] = np.float16(6e-6)   # a subnormal now and then
         blocks[:, offset:offset + 2] = scales.view(np.uint8).reshape(n_blocks, 2)
     return blocks.reshape(rows, -1)
+
+
+def random_matrix(rng, fmt, group_size, rows, in_features):
+    if fmt in ("int8", "int4"):
+        weight = rng.standard_normal((rows, in_features)).astype(np.float32)
+        return quantize_matrix(weight, fmt, group_size=group_size)
+    return QuantizedMatrix(fmt, (rows, in_features), random_blocks(rng, fmt, rows, in_features),
+                           group_size=reference.GGUF_BLOCKS[fmt][0])
+
+
+def fits(fmt, group_size, in_features):
+    return in_features % max(group_size, 32 if fmt not in ("f16", "f32") else 1) == 0
 
 
 @pytest.fixture(scope="session")
@@ -103,150 +122,252 @@ def q4_k_mins(qm):
     return np.repeat(dmin * m, 32, axis=1).reshape(qm.shape)
 
 
-def check_close(y, x, qm, backend):
+def check_close(y, x, qm, backend, int8_activations=None):
+    """y within the bound of module docstring for `backend` (int8_activations: the cpu path's rule, by default
+    cpu.int8_activations)."""
     weight = reference.dequantize(qm.fmt, qm.data, qm.scales, qm.group_size).astype(np.float64)
     x64 = np.asarray(x, dtype=np.float64)
     exact = x64 @ weight.T
-    if backend == "cpu" and cpu.uses_vnni(qm, x64.shape[0]):
-        integer_part = np.abs(weight + q4_k_mins(qm)) if qm.fmt == "q4_k" else np.abs(weight)
+    if int8_activations is None:
+        int8_activations = backend == "cpu" and cpu.int8_activations(qm)
+    if int8_activations:
+        # the weights the int8 activations multiply (q4_k: with its mins, whose part is exact)
+        integer_part = weight + q4_k_mins(qm) if qm.fmt == "q4_k" else weight
         block_max = np.repeat(np.abs(x64).reshape(x64.shape[0], -1, 32).max(axis=2, initial=0.0), 32, axis=1)
-        bound = (1.01 / 254 + 2e-5) * (block_max @ integer_part.T) + 1e-30
+        bound = (1.01 / 254 + 2e-5) * (block_max @ np.abs(integer_part).T) + 1e-30
     else:
-        rtol = 5e-5 if backend in ("cpu", "float") and qm.fmt in OFFSET_TERM_FORMATS else RTOL[backend]
-        bound = rtol * (np.abs(x64) @ np.abs(weight).T) + 1e-30
+        bound = RTOL[backend] * (np.abs(x64) @ np.abs(weight).T) + 1e-30
     error = np.abs(np.asarray(y, dtype=np.float64) - exact)
     assert y.dtype == np.float32 and y.shape == exact.shape
     assert (error <= bound).all(), f"{qm.fmt}: max error / bound = {(error / bound).max():.3g}"
+    if int8_activations and np.linalg.norm(exact) > 0:
+        # typically 0.5%: int8 rounding noise; a wrong scale or code is far above 3%
+        assert np.linalg.norm(y - exact) <= 3e-2 * np.linalg.norm(x64 @ integer_part.T)
+
+
+def kernel_args(qm):
+    return cpu.FORMAT_IDS[qm.fmt], qm.data.view(np.uint8), cpu._NO_SCALES if qm.scales is None else qm.scales, \
+        qm.group_size
 
 
 @pytest.mark.parametrize("fmt", list(GGUF_TYPES))
-@pytest.mark.parametrize("backend", ["reference", "cpu"])
-def test_dequantize_matches_gguf_on_random_blocks(random_gguf, fmt, backend):
+def test_dequantize_matches_gguf_on_random_blocks(random_gguf, cpu_level, fmt):
     tensors, expected = random_gguf
     qm = QuantizedMatrix.from_gguf(tensors[fmt])
     assert qm.shape == (OUT_FEATURES, IN_FEATURES[fmt]) and qm.fmt == fmt
     assert np.array_equal(qm.data, expected[fmt]) and qm.nbytes == expected[fmt].nbytes   # bytes unchanged
     theirs = gguf.quants.dequantize(tensors[fmt].data, tensors[fmt].tensor_type).reshape(qm.shape)
-    with use_backend(backend):
-        ours = qm.dequantize()
-        rows = np.array([5, 0, 36, 5], dtype=np.int64)
-        taken = qm.take(rows)
-    assert ours.dtype == np.float32 and ours.tobytes() == theirs.tobytes()
-    assert taken.tobytes() == theirs[rows].tobytes()
+    rows = np.array([5, 0, 36, 5], dtype=np.int64)
+    for backend in ("reference", "cpu"):
+        with use_backend(backend):
+            ours, taken = qm.dequantize(), qm.take(rows)
+        assert ours.dtype == np.float32 and ours.tobytes() == theirs.tobytes(), backend
+        assert taken.tobytes() == theirs[rows].tobytes(), backend
 
 
-def test_every_tensor_of_the_real_file_matches_gguf(gemma_gguf):
+@pytest.mark.parametrize("fmt,group_size", CASES)
+def test_take_equals_the_reference_bit_for_bit(rng, cpu_level, fmt, group_size):
+    for in_features in K_VALUES:
+        if not fits(fmt, group_size, in_features):
+            continue
+        qm = random_matrix(rng, fmt, group_size, OUT_FEATURES, in_features)
+        rows = rng.integers(0, OUT_FEATURES, 50)
+        assert cpu.take(qm, rows).tobytes() == reference.take(qm, rows).tobytes()
+        assert cpu.take(qm, None).tobytes() == reference.take(qm, None).tobytes()
+        assert cpu.take(qm, np.zeros(0, np.int64)).shape == (0, in_features)
+
+
+def test_real_file_tensors_match_gguf(gemma_gguf, cpu_level, rng):
+    """Every tensor of the real file, dequantized and taken at this level; the 262144-row token
+    embedding through 4096 random rows."""
     seen = set()
     for tensor in gemma_gguf.tensors:
         qm = QuantizedMatrix.from_gguf(tensor)
         seen.add(qm.fmt)
+        assert qm.shape[1] == int(tensor.shape[0])
+        if qm.shape[0] > 100_000:
+            rows = rng.integers(0, qm.shape[0], 4096)
+            theirs = gguf.quants.dequantize(np.asarray(tensor.data)[rows], tensor.tensor_type)
+            assert qm.take(rows).tobytes() == theirs.tobytes(), tensor.name
+            continue
         theirs = gguf.quants.dequantize(tensor.data, tensor.tensor_type).reshape(qm.shape)
         assert qm.dequantize().tobytes() == theirs.tobytes(), tensor.name
-        assert qm.shape[1] == int(tensor.shape[0])
     assert seen == {"f32", "q8_0", "q5_0", "q4_k", "q6_k"}
 
 
-def test_token_embedding_take_and_matmul_on_the_real_file(gemma_gguf, rng):
+def test_real_file_matmuls(gemma_gguf, cpu_level, rng):
+    """Gemma's layer matrices (Q5_0, Q6_K, Q4_K, Q8_0) and the token embedding as the output projection
+    (the row kernel for every M: too large for panels)."""
     tensors = {t.name: t for t in gemma_gguf.tensors}
-    embedding = QuantizedMatrix.from_gguf(tensors["token_embd.weight"])
-    assert embedding.shape == (262144, 640) and embedding.fmt == "q8_0"
-    rows = rng.integers(0, 262144, 50)
-    blocks = tensors["token_embd.weight"].data[rows]
-    assert embedding.take(rows).tobytes() == gguf.quants.dequantize(blocks, QT.Q8_0).tobytes()
     for name in ("blk.0.ffn_gate.weight", "blk.0.ffn_down.weight", "blk.0.attn_output.weight", "blk.0.attn_v.weight"):
         qm = QuantizedMatrix.from_gguf(tensors[name])
         for M in (1, 40):
             x = rng.standard_normal((M, qm.shape[1])).astype(np.float32)
             check_close(qmatmul(x, qm), x, qm, "cpu")
+    embedding = QuantizedMatrix.from_gguf(tensors["token_embd.weight"])
+    assert embedding.shape == (262144, 640) and embedding.fmt == "q8_0" and not cpu.uses_panels(embedding, 5)
+    rows = np.sort(rng.choice(262144, 300, replace=False))
+    part = QuantizedMatrix("q8_0", (300, 640), np.ascontiguousarray(embedding.data[rows]), group_size=32)
+    for M in (1, 5):
+        x = rng.standard_normal((M, 640)).astype(np.float32)
+        y = qmatmul(x, embedding)
+        assert y.shape == (M, 262144)
+        check_close(y[:, rows], x, part, "cpu")
 
 
-@pytest.mark.filterwarnings("ignore:qmatmul. this CPU has no AVX-512 VNNI")
-@pytest.mark.parametrize("backend", ["reference", "cpu", "float"])
 @pytest.mark.parametrize("M", M_VALUES)
-def test_qmatmul_every_format(random_gguf, rng, monkeypatch, backend, M):
-    """"float": the cpu backend as on a CPU without VNNI (the Numba float32 kernels)."""
-    if backend == "float":
-        monkeypatch.setattr(cpu, "HAS_VNNI", False)
-    for fmt, qm in matrices(random_gguf, rng).items():
-        x = rng.standard_normal((M, qm.shape[1])).astype(np.float32)
-        with use_backend("cpu" if backend == "float" else backend):
-            y = qmatmul(x, qm)
-        check_close(y, x, qm, backend)
+def test_qmatmul_every_format(rng, cpu_level, M):
+    """Every format and group size, K in {32, 256, 512, 640} as each allows, against the bound of its
+    path; the reference backend against its own."""
+    for fmt, group_size in CASES:
+        for in_features in K_VALUES:
+            if not fits(fmt, group_size, in_features):
+                continue
+            qm = random_matrix(rng, fmt, group_size, OUT_FEATURES, in_features)
+            x = (rng.standard_normal((M, in_features)) * rng.uniform(0.1, 10, (M, 1))).astype(np.float32)
+            check_close(qmatmul(x, qm), x, qm, "cpu")
+            if M in (1, 17):
+                with use_backend("reference"):
+                    check_close(qmatmul(x, qm), x, qm, "reference")
 
 
-VNNI_CASES = [("q8_0", 32), ("q5_0", 32), ("q4_k", 256), ("q6_k", 256), ("int8", 32), ("int8", 96), ("int4", 32),
-              ("int4", 128)]
+@pytest.mark.parametrize("fmt,group_size", [case for case in CASES if case[0] != "f32"])
+def test_float_kernel_every_format(rng, cpu_level, fmt, group_size):
+    """The float32-activation kernel takes every format (qmatmul sends it f16 and the other group sizes)."""
+    in_features = 512 if fmt in ("q4_k", "q6_k") else 3 * max(group_size, 32)
+    qm = random_matrix(rng, fmt, group_size, OUT_FEATURES, in_features)
+    for M in (1, 5, 17):
+        x = rng.standard_normal((M, in_features)).astype(np.float32)
+        out = np.empty((M, OUT_FEATURES), np.float32)
+        _qmatmul.float_matmul(*kernel_args(qm), x, out, 2, current_level())
+        check_close(out, x, qm, "cpu", int8_activations=False)
 
 
-@pytest.mark.skipif(not cpu.HAS_VNNI, reason="the int8-activation kernel needs AVX-512 VNNI")
-@pytest.mark.parametrize("fmt,group_size", VNNI_CASES)
-def test_int8_activation_path(rng, fmt, group_size):
-    """Every VNNI format and M (M = 1: the fused GEMVs, signed for q8_0/int8, biased for the
-    others; M > 1: the tiled kernel and the repacked-panel kernel), called directly:
-    the error bound, relative L2 error < 1e-2, odd out_features, the same bits for 1 and 2 threads,
-    and qmatmul dispatching to the panels for M > 1 (else the tiled kernel or GEMV)."""
-    in_features = 512 if fmt in ("q4_k", "q6_k") else 3 * max(group_size, 64)
-    if fmt.startswith("int"):
-        qm = quantize_matrix(rng.standard_normal((OUT_FEATURES, in_features)).astype(np.float32), fmt,
-                             group_size=group_size)
+INT8_CASES = [("q8_0", 32), ("q5_0", 32), ("q4_k", 256), ("q6_k", 256), ("int8", 32), ("int8", 96), ("int4", 32),
+              ("int4", 64), ("int4", 128)]
+
+
+@pytest.mark.parametrize("fmt,group_size", INT8_CASES)
+def test_int8_activation_kernels(rng, monkeypatch, cpu_level, fmt, group_size):
+    """The row kernel (M = 1; M > 1 as on matrices too large for panels) and the panel kernel, called
+    directly: the bound, the same bits on 1 and 2 threads, and qmatmul dispatching M >= 2 to the panels.
+    in_features 3 * 32 (odd block counts), 3 * 64 or 512: every chunk tail of every level."""
+    level = current_level()
+    for in_features in (96, 192, 512):
+        if not fits(fmt, group_size, in_features):
+            continue
+        qm = random_matrix(rng, fmt, group_size, OUT_FEATURES, in_features)
+        assert cpu.int8_activations(qm)
+        for M in M_VALUES:
+            x = (rng.standard_normal((M, in_features)) * rng.uniform(0.1, 10, (M, 1))).astype(np.float32)
+            kernels = {"rows": lambda out, threads: _qmatmul.matmul(*kernel_args(qm), x, out, threads, level)}
+            if M > 1:
+                kernels["panels"] = lambda out, threads: _qmatmul.panel_matmul(
+                    cpu.FORMAT_IDS[fmt], cpu.panels(qm, level), x, out, threads, level)
+            results = {}
+            for name, kernel in kernels.items():
+                by_threads = []
+                for threads in (1, 2):
+                    out = np.empty((M, OUT_FEATURES), np.float32)
+                    kernel(out, threads)
+                    by_threads.append(out)
+                assert by_threads[0].tobytes() == by_threads[1].tobytes(), name
+                check_close(by_threads[0], x, qm, "cpu")
+                results[name] = by_threads[0]
+            assert cpu.uses_panels(qm, M) == (M > 1)
+            assert qmatmul(x, qm).tobytes() == results["panels" if M > 1 else "rows"].tobytes()
+    monkeypatch.setattr(cpu, "PANEL_MAX_WEIGHTS", 0)   # a matrix too large for panels: the row kernel
+    assert qmatmul(x, qm).tobytes() == results["rows"].tobytes()
+
+
+def exact_integer_matrix(rng, fmt, rows, in_features):
+    """A matrix whose weights are small integers (unit scales): with integer activations every product
+    and partial sum is an integer below 2**24, exact in float32 whatever the order."""
+    if fmt in ("int8", "int4"):
+        levels = 127 if fmt == "int8" else 7
+        codes = rng.integers(-levels, levels + 1, (rows, in_features)).astype(np.int8)
+        data = codes if fmt == "int8" else reference.pack_int4(codes, 32)
+        return QuantizedMatrix(fmt, (rows, in_features), data, np.ones((rows, in_features // 32), np.float32), 32)
+    raw = random_blocks(rng, fmt, rows, in_features).reshape(-1, reference.GGUF_BLOCKS[fmt][1])
+    one = np.array([1.0], np.float16).view(np.uint8)
+    if fmt == "q4_k":   # d = 1, dmin = 1, 6-bit scales and mins 0..3 (the low 2 bits of every packed byte)
+        raw[:, 0:2], raw[:, 2:4] = one, one
+        raw[:, 4:16] &= 0x03
+    elif fmt == "q6_k":   # d = 1, int8 scales -2..1
+        raw[:, 208:210] = one
+        raw[:, 192:208] = (raw[:, 192:208].view(np.int8) % 4 - 2).view(np.uint8)
     else:
-        raw = random_blocks(rng, fmt, OUT_FEATURES, in_features)
-        qm = QuantizedMatrix(fmt, (OUT_FEATURES, in_features), raw, group_size=reference.GGUF_BLOCKS[fmt][0])
-    weight = reference.dequantize(qm.fmt, qm.data, qm.scales, qm.group_size).astype(np.float64)
-    for M in M_VALUES:
-        x = (rng.standard_normal((M, in_features)) * rng.uniform(0.1, 10, (M, 1))).astype(np.float32)
-        assert cpu.uses_vnni(qm, M)
-        assert cpu.uses_panels(qm, M) == (M > 1)
-        kernels = {"tiled": lambda out, threads: cpu._qmatmul_vnni.matmul(
-            cpu.FORMAT_IDS[fmt], qm.data.view(np.uint8), scales, qm.group_size, x, out, threads)}
-        if M > 1:
-            kernels["panels"] = lambda out, threads: cpu._qmatmul_vnni.panel_matmul(
-                cpu.FORMAT_IDS[fmt], cpu.vnni_panels(qm), x, out, threads)
-        scales = cpu._NO_SCALES if qm.scales is None else qm.scales
-        exact = x.astype(np.float64) @ weight.T
-        by_kernel = {}
-        for name, kernel in kernels.items():
-            results = []
-            for threads in (1, 2):
-                out = np.empty((M, OUT_FEATURES), np.float32)
-                kernel(out, threads)
-                results.append(out)
-            assert results[0].tobytes() == results[1].tobytes()
-            check_close(results[0], x, qm, "cpu")
-            assert np.linalg.norm(results[0] - exact) <= 1e-2 * np.linalg.norm(exact)
-            by_kernel[name] = results[0]
-        assert qmatmul(x, qm).tobytes() == by_kernel["panels" if cpu.uses_panels(qm, M) else "tiled"].tobytes()
+        raw[:, 0:2] = one
+    return QuantizedMatrix(fmt, (rows, in_features), raw.reshape(rows, -1), group_size=reference.GGUF_BLOCKS[fmt][0])
 
 
-@pytest.mark.skipif(not cpu.HAS_VNNI, reason="the panel kernel needs AVX-512 VNNI")
-def test_panel_kernel_limits_and_shapes(rng, monkeypatch):
-    """Matrices above PANEL_MAX_WEIGHTS keep to the tiled kernel (same result as before any panels);
-    repack and panel_matmul check their sizes before any C runs."""
+@pytest.mark.parametrize("fmt", ["q8_0", "q5_0", "q4_k", "q6_k", "int8", "int4"])
+def test_integer_dot_products_are_exact_at_every_level(rng, monkeypatch, cpu_level, fmt):
+    """Codes at their extremes (q8_0 -128..127), activations integers with 127 in every block (d = 1):
+    x is quantized exactly and every kernel returns the exact product, bit for bit."""
+    in_features = 512
+    qm = exact_integer_matrix(rng, fmt, OUT_FEATURES, in_features)
+    for M in (1, 3, 17):
+        x = rng.integers(-127, 128, (M, in_features)).astype(np.float32)
+        x[:, ::32] = 127.0
+        exact = (x.astype(np.float64) @ reference.take(qm, None).astype(np.float64).T).astype(np.float32)
+        assert np.abs(exact).max() < 2 ** 24
+        assert qmatmul(x, qm).tobytes() == exact.tobytes()   # M = 1: row kernel; M > 1: panels
+        with monkeypatch.context() as patch:
+            patch.setattr(cpu, "PANEL_MAX_WEIGHTS", 0)
+            assert qmatmul(x, qm).tobytes() == exact.tobytes()   # row kernel, M > 1
+
+
+def test_levels_this_cpu_lacks_are_refused(rng):
+    """Every C entry refuses a level outside 0 .. the CPU's (no instruction the CPU lacks can run)."""
+    qm = random_matrix(rng, "int8", 32, OUT_FEATURES, 64)
+    fid, data, scales, group_size = kernel_args(qm)
+    x, out = np.ones((2, 64), np.float32), np.empty((2, OUT_FEATURES), np.float32)
+    panels = cpu.panels(qm, 0)
+    for level in (-1, len(LEVELS)):
+        calls = [lambda: _qmatmul.matmul(fid, data, scales, group_size, x, out, 1, level),
+                 lambda: _qmatmul.float_matmul(fid, data, scales, group_size, x, out, 1, level),
+                 lambda: _qmatmul.panel_bytes(OUT_FEATURES, 64, level),
+                 lambda: _qmatmul.repack(fid, data, scales, group_size, 64, np.zeros(panels.nbytes, np.uint8), 1, level),
+                 lambda: _qmatmul.panel_matmul(fid, panels, x, out, 1, level),
+                 lambda: _qmatmul.take(fid, data, scales, group_size, np.zeros(1, np.int64), np.empty((1, 64), np.float32),
+                                       1, level)]
+        for call in calls:
+            with pytest.raises(ValueError, match=f"CPU level {level} is not one this CPU runs"):
+                call()
+
+
+def test_panels_are_kept_per_level_and_checked(rng, monkeypatch):
+    """Matrices above PANEL_MAX_WEIGHTS keep to the row kernel (no panels built); panels are built per
+    level and kept; repack and panel_matmul check their sizes before any C runs."""
+    level = current_level()
     qm = quantize_matrix(rng.standard_normal((OUT_FEATURES, 64)).astype(np.float32), "int8", group_size=32)
     x = rng.standard_normal((5, 64)).astype(np.float32)
     monkeypatch.setattr(cpu, "PANEL_MAX_WEIGHTS", OUT_FEATURES * 64 - 1)
     assert not cpu.uses_panels(qm, 5)
-    tiled = qmatmul(x, qm)
-    assert "vnni_panels" not in qm.prepared
+    rows = qmatmul(x, qm)
+    assert not qm.prepared
     monkeypatch.undo()
     assert cpu.uses_panels(qm, 5)
     check_close(qmatmul(x, qm), x, qm, "cpu")
-    assert np.linalg.norm(qmatmul(x, qm) - tiled) <= 1e-5 * np.linalg.norm(tiled)
-    panels, vnni = cpu.vnni_panels(qm), cpu._qmatmul_vnni
-    assert panels.nbytes == vnni.panel_bytes(4, OUT_FEATURES, 64) and panels.ctypes.data % 64 == 0
+    assert np.linalg.norm(qmatmul(x, qm) - rows) <= 1e-5 * np.linalg.norm(rows)
+    panels = cpu.panels(qm, level)
+    assert list(qm.prepared) == [("panels", level)] and cpu.panels(qm, level) is panels
+    assert panels.nbytes == _qmatmul.panel_bytes(OUT_FEATURES, 64, level) and panels.ctypes.data % 64 == 0
+    assert not panels.flags.writeable
+    fid, data, scales, group_size = kernel_args(qm)
+    for args in [(4, panels[:-1], x, np.empty((5, OUT_FEATURES), np.float32)),
+                 (4, panels, x, np.empty((5, OUT_FEATURES + 16), np.float32)),
+                 (3, panels, x, np.empty((5, OUT_FEATURES), np.float32)),
+                 (6, panels, x, np.empty((5, OUT_FEATURES), np.float32))]:
+        with pytest.raises(ValueError, match="do not fit"):
+            _qmatmul.panel_matmul(*args, 1, level)
     with pytest.raises(ValueError, match="do not fit"):
-        vnni.panel_matmul(4, panels[:-1], x, np.empty((5, OUT_FEATURES), np.float32), 1)
+        _qmatmul.repack(fid, data, scales, group_size, 64, np.zeros(panels.nbytes - 1, np.uint8), 1, level)
     with pytest.raises(ValueError, match="do not fit"):
-        vnni.panel_matmul(4, panels, x, np.empty((5, OUT_FEATURES + 16), np.float32), 1)
-    with pytest.raises(ValueError, match="do not fit"):
-        vnni.panel_matmul(3, panels, x, np.empty((5, OUT_FEATURES), np.float32), 1)
-    with pytest.raises(ValueError, match="do not fit"):
-        vnni.repack(4, qm.data.view(np.uint8), qm.scales, 32, 64, np.zeros(panels.nbytes - 1, np.uint8), 1)
-    with pytest.raises(ValueError, match="do not fit"):
-        vnni.repack(4, qm.data.view(np.uint8), qm.scales[:, :1].copy(), 32, 64, np.zeros(panels.nbytes, np.uint8), 1)
+        _qmatmul.repack(fid, data, scales[:, :1].copy(), group_size, 64, np.zeros(panels.nbytes, np.uint8), 1, level)
 
 
-@pytest.mark.skipif(not cpu.HAS_VNNI, reason="the panel kernel needs AVX-512 VNNI")
 def test_panels_built_once_under_concurrent_first_calls(rng):
     qm = quantize_matrix(rng.standard_normal((OUT_FEATURES, 96)).astype(np.float32), "int4", group_size=32)
     x = rng.standard_normal((7, 96)).astype(np.float32)
@@ -254,7 +375,7 @@ def test_panels_built_once_under_concurrent_first_calls(rng):
 
     def worker():
         results.append(qmatmul(x, qm))
-        built.append(id(qm.prepared["vnni_panels"]))
+        built.append(id(qm.prepared[("panels", current_level())]))
 
     threads = [threading.Thread(target=worker) for _ in range(4)]
     for t in threads:
@@ -265,19 +386,28 @@ def test_panels_built_once_under_concurrent_first_calls(rng):
     check_close(results[0], x, qm, "cpu")
 
 
-def test_vnni_kernel_rejects_shapes_that_do_not_fit():
-    """The C kernel derives every read from these sizes: the binding checks them before any C runs."""
-    x, out, no_scales = np.zeros((2, 64), np.float32), np.zeros((2, 3), np.float32), cpu._NO_SCALES
-    bad = [(0, np.zeros((2, 68), np.uint8), no_scales, 32, x, out),                    # too few rows
-           (0, np.zeros((3, 64), np.uint8), no_scales, 32, x, out),                    # row bytes not q8_0's
-           (3, np.zeros((3, 105), np.uint8), no_scales, 256, x, out),                  # K not a multiple of 256
-           (4, np.zeros((3, 64), np.uint8), np.zeros((3, 1), np.float32), 32, x, out),  # scales per group
+def test_kernels_reject_shapes_that_do_not_fit():
+    """The C kernels derive every read from these sizes: the binding checks them before any C runs."""
+    level = current_level()
+    x, out, none = np.zeros((2, 64), np.float32), np.zeros((2, 3), np.float32), cpu._NO_SCALES
+    bad = [(0, np.zeros((2, 68), np.uint8), none, 32, x, out),                     # too few rows
+           (0, np.zeros((3, 64), np.uint8), none, 32, x, out),                     # row bytes not q8_0's
+           (3, np.zeros((3, 105), np.uint8), none, 256, x, out),                   # K not a multiple of 256
+           (4, np.zeros((3, 64), np.uint8), np.zeros((3, 1), np.float32), 32, x, out),   # scales per group
            (5, np.zeros((3, 32), np.uint8), np.zeros((3, 2), np.float32), 32 * 3, x, out),
            (4, np.zeros((3, 64), np.uint8), np.zeros((3, 2), np.float32), 32, x, out[:1].copy()),
-           (9, np.zeros((3, 64), np.uint8), no_scales, 32, x, out)]
+           (4, np.zeros((3, 64), np.uint8), np.zeros((3, 2), np.float32), 0, x, out),
+           (9, np.zeros((3, 64), np.uint8), none, 32, x, out)]
     for args in bad:
-        with pytest.raises(ValueError, match="do not fit format id"):
-            cpu._qmatmul_vnni.matmul(*args, 1)
+        for kernel in (_qmatmul.matmul, _qmatmul.float_matmul):
+            with pytest.raises(ValueError, match="do not fit"):
+                kernel(*args, 1, level)
+    with pytest.raises(ValueError, match="do not fit"):   # the integer kernels take groups of 32 and 64 * n
+        _qmatmul.matmul(5, np.zeros((3, 48), np.uint8), np.ones((3, 1), np.float32), 96, np.zeros((2, 96), np.float32),
+                        out, 1, level)
+    with pytest.raises(IndexError, match=r"rows\[1\] = 3 is out of range"):
+        _qmatmul.take(4, np.zeros((3, 64), np.uint8), np.zeros((3, 2), np.float32), 32, np.array([0, 3]),
+                      np.empty((2, 64), np.float32), 1, level)
 
 
 @pytest.mark.filterwarnings("ignore:qmatmul has no Triton kernel")
@@ -303,6 +433,14 @@ def test_triton_empty_in_features(triton_device):
         with use_backend("triton"):
             y = qmatmul(torch.ones((M, 0), device=triton_device), qm)
         assert y.shape == (M, 3) and not y.cpu().numpy().any()
+
+
+def test_cpu_empty_shapes(cpu_level):
+    qm = quantize_matrix(np.zeros((3, 0), np.float32), "int8")
+    assert not qmatmul(np.ones((2, 0), np.float32), qm).any() and qmatmul(np.ones((2, 0), np.float32), qm).shape == (2, 3)
+    assert qm.take(np.array([2, 0])).shape == (2, 0)
+    qm = quantize_matrix(np.ones((3, 32), np.float32), "int4")
+    assert qmatmul(np.ones((0, 32), np.float32), qm).shape == (0, 3)
 
 
 def test_torch_inputs_and_dtypes(random_gguf, rng):
@@ -385,17 +523,18 @@ def test_bad_inputs_raise(random_gguf, rng):
         qm.take(np.array([0.0]))
 
 
-def test_concurrent_calls(random_gguf, rng):
+def test_concurrent_calls(random_gguf, rng, cpu_level):
     mats = matrices(random_gguf, rng)
     inputs = [(qm, rng.standard_normal((M, qm.shape[1])).astype(np.float32)) for qm in mats.values() for M in (1, 40)]
     expected = [qmatmul(x, qm) for qm, x in inputs]
     failures = []
 
     def worker():
-        for _ in range(5):
-            for (qm, x), want in zip(inputs, expected):
-                if not np.array_equal(qmatmul(x, qm), want):
-                    failures.append(qm.fmt)
+        with use_cpu_level(cpu_level):   # the level is per thread
+            for _ in range(5):
+                for (qm, x), want in zip(inputs, expected):
+                    if not np.array_equal(qmatmul(x, qm), want):
+                        failures.append(qm.fmt)
 
     threads = [threading.Thread(target=worker) for _ in range(4)]
     for t in threads:
