@@ -21,9 +21,12 @@
 
 #include <stdint.h>
 
-/* Row dtypes and pooling modes: the codes of recscore.kernels.embedding_bag.cpu. */
-enum { EB_FP32 = 0, EB_FP16 = 1, EB_BF16 = 2, EB_INT8 = 3, EB_INT4 = 4, EB_DTYPES };
-enum { EB_SUM = 0, EB_MEAN = 1, EB_MAX = 2 };
+#include "_codes.h"
+
+/* Row dtypes and pooling modes, by the names the row loops use. */
+enum { EB_FP32 = RS_DTYPE_FP32, EB_FP16 = RS_DTYPE_FP16, EB_BF16 = RS_DTYPE_BF16, EB_INT8 = RS_DTYPE_INT8,
+       EB_INT4 = RS_DTYPE_INT4, EB_DTYPES = RS_DTYPES };
+enum { EB_SUM = RS_POOL_SUM, EB_MEAN = RS_POOL_MEAN, EB_MAX = RS_POOL_MAX, EB_POOLINGS = RS_POOLINGS };
 /* Columns of the int64 (T, EB_FIELDS) table description: addresses of row 0 and of row 0's
  * float32 scale (bias follows it; int8/int4 only), dtype, R, D, bytes from one row to the next
  * (of the rows and of the qparams), and the table's first output column. */
@@ -54,8 +57,8 @@ typedef struct {
 
 #include "_simd.h"
 
-/* Register blocking per level: vectors of columns pooled in registers at a time (wider rows are
- * pooled one block of columns after another, bag by bag), and up to how many vectors the pooled
+/* Register blocking per level: vectors of columns pooled in registers at a time (rows of more
+ * columns are pooled one block after another, bag by bag), and up to how many vectors the pooled
  * row is kept as two chains (both must fit beside a load and the scale). */
 #if SIMD_LEVEL >= 2
 #define EB_BLOCK_VECTORS 8          /* 128 columns: 16 of the 32 zmm for two chains */
@@ -64,22 +67,18 @@ typedef struct {
 #define EB_BLOCK_VECTORS 8          /* 64 columns; 16 ymm hold two chains of 6 vectors */
 #define EB_TWO_CHAIN_VECTORS 6
 #else
-#define EB_BLOCK_VECTORS 8          /* plain C: the compiler keeps what its target's registers hold */
+#define EB_BLOCK_VECTORS 8          /* plain C: the pooled row lives in memory */
 #define EB_TWO_CHAIN_VECTORS 4
 #endif
 #define EB_BLOCK_COLUMNS (VF_LANES * EB_BLOCK_VECTORS)
-/* AVX-512 masks a row's last vector for free. Below it, the last vector is read in full: in place
- * where the table goes on after it, else from a padded copy of the last block of the table's last
- * rows (at most EB_TAIL_ROWS, as a vector is under 32 bytes), made once per run, so the row loop
- * has no masked load and no call. */
-#define EB_MASKED_TAIL (SIMD_LEVEL >= 2)
-#if !EB_MASKED_TAIL
-#define EB_TAIL_ROWS 32
-#define EB_TAIL_COPY_BYTES (EB_TAIL_ROWS * EB_BLOCK_VECTORS * VF_LANES * 4)
-typedef char eb_tail_rows_hold_a_vector[VF_LANES * 4 <= EB_TAIL_ROWS ? 1 : -1];
-#endif
+/* No masked load in the row loop, at any level: a row's last vector is read so that it ends with
+ * the row (overlapping the vector before it, whose columns it sums alike), and so is a wide row's
+ * last block. Rows narrower than a vector are read a whole vector from their start: in place where
+ * the table goes on after it, else from a padded copy of the table's last rows (fewer than
+ * EB_TAIL_ROWS, the bytes of a vector), made once per run. */
+#define EB_TAIL_ROWS (VF_LANES * 4)
 
-static const int eb_element_bits[EB_DTYPES] = { 32, 16, 16, 8, 4 };
+static const int eb_element_bits[EB_DTYPES] = { [EB_FP32] = 32, [EB_FP16] = 16, [EB_BF16] = 16, [EB_INT8] = 8, [EB_INT4] = 4 };
 
 /* Rows are prefetched about EB_PREFETCH_BYTES ahead into L2 (T1; 4-16 KB were alike; an L1
  * prefetch besides, at AVX-512 or AVX2, gained nothing in the benchmark's alternation). */
@@ -94,31 +93,31 @@ static const int eb_element_bits[EB_DTYPES] = { 32, 16, 16, 8, 4 };
 #define EB_RETRY_MIN_TABLE_BYTES (16 << 20)
 #define EB_RETRY_MIN_BLOCK_BYTES 128
 
-/* A block of columns: where it starts in row 0, its bytes in a row, the second L2 prefetch's distance. */
+/* How a run's rows are read (copied to locals in the row loop: kept in registers). A row of at
+ * most EB_BLOCK_COLUMNS is one block of `vectors`; a wider one `blocks` blocks of EB_BLOCK_VECTORS,
+ * the last of them ending with the row. */
 typedef struct {
-    const uint8_t *data;
-    int64_t bytes, retry_rows;
-} eb_columns;
-
-/* A run as the row loop reads it (copied to locals: kept in registers). Rows are pooled in
- * full_blocks blocks of EB_BLOCK_COLUMNS columns, then a last block of 1..EB_BLOCK_COLUMNS. */
-typedef struct {
+    const uint8_t *data;            /* row 0 */
     const uint8_t *qparams;
     int64_t qparams_stride, rows, row_bytes;
-    eb_columns first_block, last_block;  /* full block k starts at first_block.data + k * first_block.bytes */
-    int64_t full_blocks;
-    int vectors, tail;              /* of the last block; columns in its last vector: 1..VF_LANES */
-    int64_t full_rows;              /* rows whose last vector may be read in place (the table goes on past it) */
-    const uint8_t *tail_rows;       /* rows full_rows.. of the last block, padded (not with EB_MASKED_TAIL) */
+    int64_t block_bytes;            /* bytes of a row in a block: prefetched */
+    int64_t blocks;                 /* wide rows */
+    int vectors;                    /* rows of one block */
+    int64_t last_offset;            /* bytes from the block's start to its last vector (to the last block: wide) */
+    int64_t last_column;            /* that vector's (block's) first output column */
+    int last_lanes;                 /* columns of the row's last vector stored: VF_LANES, or fewer (narrow
+                                     * rows, int4's pad nibble at odd D) */
+    int64_t full_rows;              /* narrow rows: those that may be read a whole vector in place */
+    const uint8_t *tail_rows;       /* narrow rows full_rows..R-1, padded */
     int64_t tail_row_bytes;         /* from one to the next there (0 where every row has one address) */
     const void *indices;
     const int64_t *offsets;
     const float *weights;
-    int64_t first, last, prefetch_end, prefetch_rows;
+    int64_t first, last, prefetch_end, prefetch_rows, retry_rows;
     float *out;
     int64_t out_stride;
     int pooling, check;
-} eb_block;
+} eb_plan;
 
 SIMD_INLINE int64_t eb_index(const void *indices, const int index64, int64_t i)
 {
@@ -128,10 +127,9 @@ SIMD_INLINE int64_t eb_index(const void *indices, const int index64, int64_t i)
 /* Bytes of one vector of a dtype's values. */
 #define EB_VECTOR_BYTES(dtype) (VF_LANES * eb_element_bits[dtype] / 8)
 
-/* Columns VF_LANES*v.. of a row as float32 (codes for int8/int4). */
-SIMD_INLINE vf eb_load(const int dtype, const uint8_t *row, const int v)
+/* VF_LANES values at p as float32 (codes for int8/int4). */
+SIMD_INLINE vf eb_load(const int dtype, const uint8_t *p)
 {
-    const uint8_t *p = row + (int64_t)v * EB_VECTOR_BYTES(dtype);
     switch (dtype) {
     case EB_FP32: return vf_load((const float *)p);
     case EB_FP16: return vf_load_f16((const uint16_t *)p);
@@ -141,61 +139,50 @@ SIMD_INLINE vf eb_load(const int dtype, const uint8_t *row, const int v)
     }
 }
 
-/* The first n columns of vector v, the other lanes 0; reads nothing past them. */
-SIMD_INLINE vf eb_load_n(const int dtype, const uint8_t *row, const int v, const int n)
+/* How a block of a row is read: one block of a row ending in its last vector, the one block of
+ * rows narrower than a vector, or a block of EB_BLOCK_VECTORS of a wide row. */
+enum { EB_ROW_BLOCK, EB_NARROW_BLOCK, EB_WIDE_BLOCK };
+
+/* Row r of a block starting at `data` (of a narrow table's last rows, the padded copy). */
+SIMD_INLINE const uint8_t *eb_block_row(const int kind, const eb_plan *p, const uint8_t *data, const int64_t r)
 {
-    const uint8_t *p = row + (int64_t)v * EB_VECTOR_BYTES(dtype);
-    switch (dtype) {
-    case EB_FP32: return vf_load_n((const float *)p, n);
-    case EB_FP16: return vf_load_f16_n((const uint16_t *)p, n);
-    case EB_BF16: return vf_load_bf16_n((const uint16_t *)p, n);
-    case EB_INT8: return vf_load_u8_n(p, n);
-    default: return vf_load_u4_n(p, n);
-    }
+    if (kind == EB_NARROW_BLOCK && r >= p->full_rows)
+        return p->tail_rows + (r - p->full_rows) * p->tail_row_bytes;
+    return data + r * p->row_bytes;
 }
 
-/* Row r of a block of columns; in the last block, where its last vector can be read in full. */
-SIMD_INLINE const uint8_t *eb_block_row(const int last_block, const eb_block *b, const eb_columns *c, const int64_t r)
-{
-    if (EB_MASKED_TAIL || !last_block || r < b->full_rows)
-        return c->data + r * b->row_bytes;
-    return b->tail_rows + (r - b->full_rows) * b->tail_row_bytes;
-}
-
-/* Vector v of a block's row. In the last block, the last vector is limited to `tail` columns with
- * AVX-512's mask; below it, read in full: its extra lanes hold other bytes of the table (or the
- * padding of the tail copy) and are never stored. */
-SIMD_INLINE vf eb_row_vector(const int dtype, const int nv, const int last_block, const eb_block *b, const uint8_t *row,
+/* Vector v of a block's row (one block's last vector ends with the row). */
+SIMD_INLINE vf eb_row_vector(const int dtype, const int nv, const int kind, const eb_plan *p, const uint8_t *row,
                              const int v)
 {
-    if (EB_MASKED_TAIL && last_block && v == nv - 1)
-        return eb_load_n(dtype, row, v, b->tail);   /* the mask is loop-invariant: computed once */
-    return eb_load(dtype, row, v);
+    if (kind == EB_ROW_BLOCK && v == nv - 1)
+        return eb_load(dtype, row + p->last_offset);
+    return eb_load(dtype, row + (int64_t)v * EB_VECTOR_BYTES(dtype));
 }
 
-/* L2 prefetch of every line that a block of row r touches: one per 64 bytes of vectors, and the
- * block's last byte when the row does not start a line, plus the row's qparams. */
-SIMD_INLINE void eb_prefetch_row(const int dtype, const int nv, const eb_block *b, const eb_columns *c, const int64_t r)
+/* L2 prefetch of every line that the block at `data` of row r touches: one per 64 bytes of
+ * vectors, and the block's last byte when the row does not start a line, plus the row's qparams. */
+SIMD_INLINE void eb_prefetch_row(const int dtype, const int nv, const eb_plan *p, const uint8_t *data, const int64_t r)
 {
     const int vector_bytes = EB_VECTOR_BYTES(dtype);
-    const uint8_t *row = c->data + r * b->row_bytes;
+    const uint8_t *row = data + r * p->row_bytes;
     for (int v = 0; v < nv; v++)
         if (v * vector_bytes % 64 == 0)
             simd_prefetch_l2(row + v * vector_bytes);
     if ((uintptr_t)row % 64)
-        simd_prefetch_l2(row + c->bytes - 1);
+        simd_prefetch_l2(row + p->block_bytes - 1);
     if (dtype == EB_INT8 || dtype == EB_INT4)
-        simd_prefetch_l2(b->qparams + r * b->qparams_stride);
+        simd_prefetch_l2(p->qparams + r * p->qparams_stride);
 }
 
 /* Prefetches the block of the row at index position i + ahead (a valid one, below prefetch_end). */
-SIMD_INLINE void eb_prefetch_ahead(const int dtype, const int nv, const int index64, const eb_block *b,
-                                   const eb_columns *c, const int64_t i, const int64_t ahead)
+SIMD_INLINE void eb_prefetch_ahead(const int dtype, const int nv, const int index64, const eb_plan *p,
+                                   const uint8_t *data, const int64_t i, const int64_t ahead)
 {
-    if (i + ahead < b->prefetch_end) {
-        const int64_t r = eb_index(b->indices, index64, i + ahead);
-        if ((uint64_t)r < (uint64_t)b->rows)
-            eb_prefetch_row(dtype, nv, b, c, r);
+    if (i + ahead < p->prefetch_end) {
+        const int64_t r = eb_index(p->indices, index64, i + ahead);
+        if ((uint64_t)r < (uint64_t)p->rows)
+            eb_prefetch_row(dtype, nv, p, data, r);
     }
 }
 
@@ -203,56 +190,56 @@ SIMD_INLINE void eb_prefetch_ahead(const int dtype, const int nv, const int inde
  * take the maximum. */
 enum { EB_ADD, EB_FMA, EB_TAKE_MAX };
 
-/* Pools a block of the row at index position i into `acc` (its bias into *bias_sum; a skipped
- * index counts in *skipped); returns 1 when the index is bad (check set), else 0. Prefetches the
- * block of the rows that prefetch_rows and retry_rows positions ahead will read. */
-SIMD_INLINE int eb_pool_position(const int dtype, const int nv, const int index64, const int how, const int last_block,
-                                 const eb_block *b, const eb_columns *c, const int64_t i,
-                                 vf *acc, float *bias_sum, int64_t *skipped)
+/* Pools the block at `data` of the row at index position i into `acc` (its bias into *bias_sum; a
+ * skipped index counts in *skipped); returns 1 when the index is bad (check set), else 0.
+ * Prefetches the block of the rows that prefetch_rows and retry_rows positions ahead will read. */
+SIMD_INLINE int eb_pool_position(const int dtype, const int nv, const int index64, const int how, const int kind,
+                                 const eb_plan *p, const uint8_t *data, const int64_t i, vf *acc, float *bias_sum,
+                                 int64_t *skipped)
 {
     const int quantized = dtype == EB_INT8 || dtype == EB_INT4;
-    eb_prefetch_ahead(dtype, nv, index64, b, c, i, b->prefetch_rows);
-    if (c->retry_rows)
-        eb_prefetch_ahead(dtype, nv, index64, b, c, i, c->retry_rows);
-    const int64_t r = eb_index(b->indices, index64, i);
-    if ((uint64_t)r >= (uint64_t)b->rows) {
+    eb_prefetch_ahead(dtype, nv, index64, p, data, i, p->prefetch_rows);
+    if (p->retry_rows)
+        eb_prefetch_ahead(dtype, nv, index64, p, data, i, p->retry_rows);
+    const int64_t r = eb_index(p->indices, index64, i);
+    if ((uint64_t)r >= (uint64_t)p->rows) {
         (*skipped)++;
-        return b->check && r != -1;
+        return p->check && r != -1;
     }
-    const uint8_t *row = eb_block_row(last_block, b, c, r);
+    const uint8_t *row = eb_block_row(kind, p, data, r);
     float qp[2] = { 1.0f, 0.0f };
     if (quantized)
-        memcpy(qp, b->qparams + r * b->qparams_stride, 8);
+        memcpy(qp, p->qparams + r * p->qparams_stride, 8);
     if (how == EB_TAKE_MAX) {
         const vf scale = vf_set1(qp[0]), bias = vf_set1(qp[1]);
         for (int v = 0; v < nv; v++) {
-            vf x = eb_row_vector(dtype, nv, last_block, b, row, v);
+            vf x = eb_row_vector(dtype, nv, kind, p, row, v);
             if (quantized)
                 x = vf_fmadd(x, scale, bias);
             acc[v] = vf_max(acc[v], x);
         }
     } else if (how == EB_FMA) {
-        const float alpha = b->weights ? b->weights[i] : 1.0f;
+        const float alpha = p->weights ? p->weights[i] : 1.0f;
         *bias_sum += alpha * qp[1];
         const vf a = vf_set1(alpha * qp[0]);
         for (int v = 0; v < nv; v++)
-            acc[v] = vf_fmadd(eb_row_vector(dtype, nv, last_block, b, row, v), a, acc[v]);
+            acc[v] = vf_fmadd(eb_row_vector(dtype, nv, kind, p, row, v), a, acc[v]);
     } else {
         for (int v = 0; v < nv; v++)
-            acc[v] = vf_add(eb_row_vector(dtype, nv, last_block, b, row, v), acc[v]);
+            acc[v] = vf_add(eb_row_vector(dtype, nv, kind, p, row, v), acc[v]);
     }
     return 0;
 }
 
-/* Pools a block of columns of bag s into out; returns the position of a bad index (check set),
- * else -1. Where two chains fit, even and odd positions go to separate accumulators, summed at the
- * end, so rows in cache are not bound by the add latency. */
-SIMD_INLINE int64_t eb_pool_bag(const int dtype, const int nv, const int index64, const int how, const int last_block,
-                                const eb_block *b, const eb_columns *c, const int64_t s,
-                                float *out)
+/* Pools the block at `data` of bag s into `out`, its row's last vector (for a wide row, the one
+ * ending at out + VF_LANES * nv) `last_lanes` columns only; returns the position of a bad index
+ * (check set), else -1. Where two chains fit, even and odd positions go to separate accumulators,
+ * summed at the end, so rows in cache are not bound by the add latency. */
+SIMD_INLINE int64_t eb_pool_bag(const int dtype, const int nv, const int index64, const int how, const int kind,
+                                const eb_plan *p, const uint8_t *data, const int64_t s, float *out, const int last_lanes)
 {
-    const int two_chains = nv <= EB_TWO_CHAIN_VECTORS, pooling = b->pooling;
-    const int64_t start = b->offsets[s], end = b->offsets[s + 1];
+    const int two_chains = nv <= EB_TWO_CHAIN_VECTORS, pooling = p->pooling;
+    const int64_t start = p->offsets[s], end = p->offsets[s + 1];
     vf even[EB_BLOCK_VECTORS], odd[EB_BLOCK_VECTORS];
     float bias_sum = 0.0f;
     int64_t skipped = 0;
@@ -261,13 +248,13 @@ SIMD_INLINE int64_t eb_pool_bag(const int dtype, const int nv, const int index64
         even[v] = odd[v] = initial;
     int64_t i = start;
     for (; i + 1 < end; i += 2) {
-        if (eb_pool_position(dtype, nv, index64, how, last_block, b, c, i, even, &bias_sum, &skipped))
+        if (eb_pool_position(dtype, nv, index64, how, kind, p, data, i, even, &bias_sum, &skipped))
             return i;
-        if (eb_pool_position(dtype, nv, index64, how, last_block, b, c, i + 1, two_chains ? odd : even,
-                             &bias_sum, &skipped))
+        if (eb_pool_position(dtype, nv, index64, how, kind, p, data, i + 1, two_chains ? odd : even, &bias_sum,
+                             &skipped))
             return i + 1;
     }
-    if (i < end && eb_pool_position(dtype, nv, index64, how, last_block, b, c, i, even, &bias_sum, &skipped))
+    if (i < end && eb_pool_position(dtype, nv, index64, how, kind, p, data, i, even, &bias_sum, &skipped))
         return i;
     const int64_t count = end - start - skipped;
     const vf bias = vf_set1(bias_sum);
@@ -280,140 +267,160 @@ SIMD_INLINE int64_t eb_pool_bag(const int dtype, const int nv, const int index64
             pooled = vf_mul(vf_add(pooled, bias), scale);
         if (count == 0)
             pooled = vf_zero();
-        if (last_block && v == nv - 1)
-            vf_store_n(out + VF_LANES * v, pooled, b->tail);
+        float *to = kind == EB_ROW_BLOCK && v == nv - 1 ? out + p->last_column : out + VF_LANES * v;
+        if (v < nv - 1 || last_lanes == VF_LANES)
+            vf_store(to, pooled);
         else
-            vf_store(out + VF_LANES * v, pooled);
+            vf_store_n(to, pooled, last_lanes);
     }
     return -1;
 }
 
-/* Pools the run's bags, each one block of columns after another; returns the position of a bad
- * index (check set), else -1. */
-SIMD_INLINE int64_t eb_pool_bags(const int dtype, const int nv, const int index64, const int how, const eb_block *b)
+/* Pools the run's bags of rows of one block (`kind` EB_ROW_BLOCK or EB_NARROW_BLOCK); returns the
+ * position of a bad index (check set), else -1. */
+SIMD_INLINE int64_t eb_pool_rows(const int dtype, const int nv, const int index64, const int how, const int kind,
+                                 const eb_plan *p)
 {
-    float *out = b->out;
-    for (int64_t s = b->first; s < b->last; s++, out += b->out_stride) {
-        eb_columns full = b->first_block;
-        for (int64_t k = 0; k < b->full_blocks; k++, full.data += full.bytes) {
-            const int64_t bad = eb_pool_bag(dtype, EB_BLOCK_VECTORS, index64, how, 0, b, &full, s,
-                                            out + k * EB_BLOCK_COLUMNS);
-            if (bad >= 0)
-                return bad;
-        }
-        const int64_t bad = eb_pool_bag(dtype, nv, index64, how, 1, b, &b->last_block, s,
-                                        out + b->full_blocks * EB_BLOCK_COLUMNS);
+    float *out = p->out;
+    for (int64_t s = p->first; s < p->last; s++, out += p->out_stride) {
+        const int64_t bad = eb_pool_bag(dtype, nv, index64, how, kind, p, p->data, s, out, p->last_lanes);
         if (bad >= 0)
             return bad;
     }
     return -1;
 }
 
-/* One bag loop per way of pooling, reading the run's fields from a local copy: the compiler keeps
- * them in registers instead of reloading them for every row, and no row branches on the pooling. */
-SIMD_INLINE int64_t eb_pool_block(const int dtype, const int nv, const int index64, const eb_block *block)
+/* Pools the run's bags of wide rows, each one block after another; returns the position of a bad
+ * index (check set), else -1. */
+SIMD_INLINE int64_t eb_pool_wide_rows(const int dtype, const int index64, const int how, const eb_plan *p)
 {
-    const eb_block local = *block;
+    float *out = p->out;
+    for (int64_t s = p->first; s < p->last; s++, out += p->out_stride) {
+        for (int64_t k = 0; k < p->blocks; k++) {
+            const int last = k == p->blocks - 1;
+            const int64_t column = last ? p->last_column : k * EB_BLOCK_COLUMNS;
+            const uint8_t *data = last ? p->data + p->last_offset : p->data + p->block_bytes * k;
+            const int64_t bad = eb_pool_bag(dtype, EB_BLOCK_VECTORS, index64, how, EB_WIDE_BLOCK, p, data, s,
+                                            out + column, last ? p->last_lanes : VF_LANES);
+            if (bad >= 0)
+                return bad;
+        }
+    }
+    return -1;
+}
+
+/* One bag loop per way of pooling and way of reading rows, reading the run's fields from a local
+ * copy: the compiler keeps them in registers instead of reloading them for every row, and no row
+ * branches on the pooling. nv = 0: wide rows. */
+SIMD_INLINE int64_t eb_pool_how(const int dtype, const int nv, const int index64, const int how, const eb_plan *p)
+{
+    if (nv == 0)
+        return eb_pool_wide_rows(dtype, index64, how, p);
+    if (nv == 1 && p->full_rows < p->rows)   /* only narrow rows pay for this test a row */
+        return eb_pool_rows(dtype, nv, index64, how, EB_NARROW_BLOCK, p);
+    return eb_pool_rows(dtype, nv, index64, how, EB_ROW_BLOCK, p);
+}
+SIMD_INLINE int64_t eb_pool_plan(const int dtype, const int nv, const int index64, const eb_plan *plan)
+{
+    const eb_plan local = *plan;
     if (local.pooling == EB_MAX)
-        return eb_pool_bags(dtype, nv, index64, EB_TAKE_MAX, &local);
+        return eb_pool_how(dtype, nv, index64, EB_TAKE_MAX, &local);
     if (local.weights || dtype == EB_INT8 || dtype == EB_INT4)
-        return eb_pool_bags(dtype, nv, index64, EB_FMA, &local);
-    return eb_pool_bags(dtype, nv, index64, EB_ADD, &local);
+        return eb_pool_how(dtype, nv, index64, EB_FMA, &local);
+    return eb_pool_how(dtype, nv, index64, EB_ADD, &local);
 }
 
-typedef int64_t (*eb_block_fn)(const eb_block *);
+typedef int64_t (*eb_loop_fn)(const eb_plan *);
 
-/* One function per (dtype, vectors of the last block, index width), so each inlined copy has
- * constant loops. Plain C keeps the pooled row in memory whatever the loops' bounds: there, one
- * function per (dtype, index width) with the vectors a run-time count (an eighth of the compile). */
+/* One function per (dtype, vectors of a one-block row or 0 for wide rows, index width), so each
+ * inlined copy has constant loops. Plain C keeps the pooled row in memory whatever the loops'
+ * bounds: there, the vectors of a one-block row are a run-time count (an eighth of the compile). */
+#define EB_LOOP(D, V, I) \
+    static int64_t SIMD_FN(eb_loop_##D##_##V##_##I)(const eb_plan *p) { return eb_pool_plan(D, V, I, p); }
 #if SIMD_LEVEL == 0
-#define EB_SPECIALISE_VECTORS(D, I) \
-    static int64_t SIMD_FN(eb_block_##D##_##I)(const eb_block *b) { return eb_pool_block(D, b->vectors, I, b); }
-#define EB_ROW_OF_VECTORS(D, I) \
-    { SIMD_FN(eb_block_##D##_##I), SIMD_FN(eb_block_##D##_##I), SIMD_FN(eb_block_##D##_##I), \
-      SIMD_FN(eb_block_##D##_##I), SIMD_FN(eb_block_##D##_##I), SIMD_FN(eb_block_##D##_##I), \
-      SIMD_FN(eb_block_##D##_##I), SIMD_FN(eb_block_##D##_##I) }
+#define EB_LOOPS_OF_DTYPE(D, I) \
+    EB_LOOP(D, 0, I) \
+    static int64_t SIMD_FN(eb_loop_##D##_n_##I)(const eb_plan *p) { return eb_pool_plan(D, p->vectors, I, p); }
+#define EB_ROW_OF_LOOPS(D, I) \
+    { SIMD_FN(eb_loop_##D##_0_##I), SIMD_FN(eb_loop_##D##_n_##I), SIMD_FN(eb_loop_##D##_n_##I), \
+      SIMD_FN(eb_loop_##D##_n_##I), SIMD_FN(eb_loop_##D##_n_##I), SIMD_FN(eb_loop_##D##_n_##I), \
+      SIMD_FN(eb_loop_##D##_n_##I), SIMD_FN(eb_loop_##D##_n_##I), SIMD_FN(eb_loop_##D##_n_##I) }
 #else
-#define EB_SPECIALISE(D, V, I) \
-    static int64_t SIMD_FN(eb_block_##D##_##V##_##I)(const eb_block *b) { return eb_pool_block(D, V, I, b); }
-#define EB_SPECIALISE_VECTORS(D, I) \
-    EB_SPECIALISE(D, 1, I) EB_SPECIALISE(D, 2, I) EB_SPECIALISE(D, 3, I) EB_SPECIALISE(D, 4, I) \
-    EB_SPECIALISE(D, 5, I) EB_SPECIALISE(D, 6, I) EB_SPECIALISE(D, 7, I) EB_SPECIALISE(D, 8, I)
-#define EB_ROW_OF_VECTORS(D, I) \
-    { SIMD_FN(eb_block_##D##_1_##I), SIMD_FN(eb_block_##D##_2_##I), SIMD_FN(eb_block_##D##_3_##I), \
-      SIMD_FN(eb_block_##D##_4_##I), SIMD_FN(eb_block_##D##_5_##I), SIMD_FN(eb_block_##D##_6_##I), \
-      SIMD_FN(eb_block_##D##_7_##I), SIMD_FN(eb_block_##D##_8_##I) }
+#define EB_LOOPS_OF_DTYPE(D, I) \
+    EB_LOOP(D, 0, I) EB_LOOP(D, 1, I) EB_LOOP(D, 2, I) EB_LOOP(D, 3, I) EB_LOOP(D, 4, I) \
+    EB_LOOP(D, 5, I) EB_LOOP(D, 6, I) EB_LOOP(D, 7, I) EB_LOOP(D, 8, I)
+#define EB_ROW_OF_LOOPS(D, I) \
+    { SIMD_FN(eb_loop_##D##_0_##I), SIMD_FN(eb_loop_##D##_1_##I), SIMD_FN(eb_loop_##D##_2_##I), \
+      SIMD_FN(eb_loop_##D##_3_##I), SIMD_FN(eb_loop_##D##_4_##I), SIMD_FN(eb_loop_##D##_5_##I), \
+      SIMD_FN(eb_loop_##D##_6_##I), SIMD_FN(eb_loop_##D##_7_##I), SIMD_FN(eb_loop_##D##_8_##I) }
 #endif
-#define EB_SPECIALISE_DTYPES(I) \
-    EB_SPECIALISE_VECTORS(0, I) EB_SPECIALISE_VECTORS(1, I) EB_SPECIALISE_VECTORS(2, I) \
-    EB_SPECIALISE_VECTORS(3, I) EB_SPECIALISE_VECTORS(4, I)
-EB_SPECIALISE_DTYPES(0)
-EB_SPECIALISE_DTYPES(1)
+#define EB_LOOPS(I) \
+    EB_LOOPS_OF_DTYPE(0, I) EB_LOOPS_OF_DTYPE(1, I) EB_LOOPS_OF_DTYPE(2, I) EB_LOOPS_OF_DTYPE(3, I) \
+    EB_LOOPS_OF_DTYPE(4, I)
+EB_LOOPS(0)
+EB_LOOPS(1)
+#define EB_TABLE_OF_LOOPS(I) \
+    { EB_ROW_OF_LOOPS(0, I), EB_ROW_OF_LOOPS(1, I), EB_ROW_OF_LOOPS(2, I), EB_ROW_OF_LOOPS(3, I), \
+      EB_ROW_OF_LOOPS(4, I) }
 
-#define EB_TABLE_OF_DTYPES(I) \
-    { EB_ROW_OF_VECTORS(0, I), EB_ROW_OF_VECTORS(1, I), EB_ROW_OF_VECTORS(2, I), \
-      EB_ROW_OF_VECTORS(3, I), EB_ROW_OF_VECTORS(4, I) }
-
-/* [index64][dtype][vectors - 1]; the tables above list 8 vectors. */
+/* [index64][dtype][vectors of a one-block row, 0 for wide rows]; the lists above stop at 8. */
 typedef char eb_block_vectors_must_be_8[EB_BLOCK_VECTORS == 8 ? 1 : -1];
-static const eb_block_fn SIMD_FN(eb_blocks)[2][EB_DTYPES][EB_BLOCK_VECTORS] = {
-    EB_TABLE_OF_DTYPES(0), EB_TABLE_OF_DTYPES(1)
+static const eb_loop_fn SIMD_FN(eb_loops)[2][EB_DTYPES][EB_BLOCK_VECTORS + 1] = {
+    EB_TABLE_OF_LOOPS(0), EB_TABLE_OF_LOOPS(1)
 };
-
-/* The columns c0..c0+columns-1 (c0 a multiple of EB_BLOCK_COLUMNS), their second L2 prefetch
- * `retry_rows` ahead when they are bytes enough. */
-static eb_columns SIMD_FN(eb_columns_of)(const eb_run *run, int64_t c0, int64_t columns, int64_t retry_rows)
-{
-    const int bits = eb_element_bits[run->dtype];
-    eb_columns c = { run->data + c0 * bits / 8, (columns * bits + 7) / 8, 0 };
-    c.retry_rows = c.bytes >= EB_RETRY_MIN_BLOCK_BYTES ? retry_rows : 0;
-    return c;
-}
 
 /* Pools a run (dim >= 1); returns the position of a bad index (check set), else -1. */
 int64_t SIMD_FN(eb_pool_run)(const eb_run *run)
 {
     const int bits = eb_element_bits[run->dtype];
     const int64_t dim = run->dim, table_bytes = run->rows * run->row_bytes;
-    const int64_t full_blocks = (dim - 1) / EB_BLOCK_COLUMNS, last_c0 = full_blocks * EB_BLOCK_COLUMNS;
-    const int64_t last_columns = dim - last_c0;
-    const int nv = (int)((last_columns + VF_LANES - 1) / VF_LANES);
-    /* rows are prefetched about EB_PREFETCH_BYTES ahead: as many rows as that holds of the first block */
-    const int64_t first_block_bytes = ((full_blocks ? EB_BLOCK_COLUMNS : dim) * bits + 7) / 8;
-    int64_t prefetch_rows = EB_PREFETCH_BYTES / (first_block_bytes + (run->qparams ? 8 : 0));
+    const int wide = dim > EB_BLOCK_COLUMNS;
+    const int nv = wide ? 0 : (int)((dim + VF_LANES - 1) / VF_LANES);
+    /* The row's last vector (block, for wide rows) ends with its bytes: for int4, with its last
+     * byte, so with a pad nibble at odd D. */
+    const int64_t padded_columns = run->dtype == EB_INT4 ? dim + (dim & 1) : dim;
+    const int64_t last_width = wide ? EB_BLOCK_COLUMNS : VF_LANES;
+    const int64_t last_first = padded_columns >= last_width ? padded_columns - last_width : 0;
+    const int64_t block_bytes = ((wide ? EB_BLOCK_COLUMNS : dim) * bits + 7) / 8;
+    /* rows are prefetched about EB_PREFETCH_BYTES ahead: as many rows as that holds of a block */
+    int64_t prefetch_rows = EB_PREFETCH_BYTES / (block_bytes + (run->qparams ? 8 : 0));
     prefetch_rows = prefetch_rows < EB_MIN_PREFETCH_ROWS ? EB_MIN_PREFETCH_ROWS
                   : prefetch_rows > EB_MAX_PREFETCH_ROWS ? EB_MAX_PREFETCH_ROWS : prefetch_rows;
-    const int64_t retry_rows = table_bytes > EB_RETRY_MIN_TABLE_BYTES ? prefetch_rows / 2 : 0;
-    eb_block b = {
-        .qparams = run->qparams, .qparams_stride = run->qparams_stride, .rows = run->rows,
-        .row_bytes = run->row_bytes,
-        .first_block = SIMD_FN(eb_columns_of)(run, 0, EB_BLOCK_COLUMNS, retry_rows),
-        .last_block = SIMD_FN(eb_columns_of)(run, last_c0, last_columns, retry_rows),
-        .full_blocks = full_blocks, .vectors = nv, .tail = (int)(last_columns - (int64_t)VF_LANES * (nv - 1)),
+    eb_plan plan = {
+        .data = run->data, .qparams = run->qparams, .qparams_stride = run->qparams_stride, .rows = run->rows,
+        .row_bytes = run->row_bytes, .block_bytes = block_bytes,
+        .blocks = wide ? (dim + EB_BLOCK_COLUMNS - 1) / EB_BLOCK_COLUMNS : 1, .vectors = nv,
+        .last_offset = last_first * bits / 8, .last_column = last_first,
+        .last_lanes = (int)(dim - last_first - (last_width - VF_LANES) < VF_LANES
+                            ? dim - last_first - (last_width - VF_LANES) : VF_LANES),
+        .full_rows = run->rows,
         .indices = run->indices, .offsets = run->offsets, .weights = run->weights,
         .first = run->first, .last = run->last,
         .prefetch_end = table_bytes <= EB_PREFETCH_MIN_TABLE_BYTES ? 0 : run->lookahead_end,
         .prefetch_rows = prefetch_rows,
+        .retry_rows = table_bytes > EB_RETRY_MIN_TABLE_BYTES && block_bytes >= EB_RETRY_MIN_BLOCK_BYTES
+                      ? prefetch_rows / 2 : 0,
         .out = run->out, .out_stride = run->out_stride, .pooling = run->pooling, .check = run->check,
     };
-    /* row r's last vector ends at r * row_bytes + read_end; the table at (R-1) * row_bytes + its D values */
-    const int64_t read_end = last_c0 * bits / 8 + (int64_t)nv * EB_VECTOR_BYTES(run->dtype);
-    const int64_t limit = (run->rows - 1) * run->row_bytes + (dim * bits + 7) / 8 - read_end;
-    b.full_rows = limit < 0 ? 0 : run->row_bytes <= 0 ? run->rows   /* one address for every row (or R = 1) */
-                : limit / run->row_bytes + 1 < run->rows ? limit / run->row_bytes + 1 : run->rows;
-#if !EB_MASKED_TAIL
-    uint8_t tail_copy[EB_TAIL_COPY_BYTES];
-    /* Rows full_rows..R-1 of the last block (fewer than EB_TAIL_ROWS: that is more than the bytes
-     * read past a row's end), or one row standing for all where every row has one address. */
-    const int64_t span = (int64_t)nv * EB_VECTOR_BYTES(run->dtype);
-    const int64_t copied = b.full_rows == run->rows ? 0 : run->row_bytes > 0 ? run->rows - b.full_rows : 1;
-    b.tail_rows = tail_copy;
-    b.tail_row_bytes = run->row_bytes > 0 ? span : 0;
-    memset(tail_copy, 0, (size_t)(copied * span));
-    for (int64_t k = 0; k < copied; k++)
-        memcpy(tail_copy + k * span, b.last_block.data + (b.full_rows + k) * run->row_bytes, (size_t)b.last_block.bytes);
-#endif
-    return SIMD_FN(eb_blocks)[run->index64][run->dtype][nv - 1](&b);
+    uint8_t tail_copy[EB_TAIL_ROWS * VF_LANES * 4];
+    if (padded_columns < VF_LANES) {
+        /* Narrow rows, read a vector from their start: row r's read ends at r * row_bytes + vector
+         * bytes, the table at (R-1) * row_bytes + its D values. Rows past full_rows (fewer than the
+         * bytes read past a row's end) come from the padded copy; where every row has one address,
+         * one copied row stands for all. */
+        const int64_t vector_bytes = EB_VECTOR_BYTES(run->dtype);
+        const int64_t limit = (run->rows - 1) * run->row_bytes + block_bytes - vector_bytes;
+        plan.full_rows = limit < 0 ? 0 : run->row_bytes <= 0 ? run->rows
+                       : limit / run->row_bytes + 1 < run->rows ? limit / run->row_bytes + 1 : run->rows;
+        const int64_t copied = plan.full_rows == run->rows ? 0 : run->row_bytes > 0 ? run->rows - plan.full_rows : 1;
+        plan.tail_rows = tail_copy;
+        plan.tail_row_bytes = run->row_bytes > 0 ? vector_bytes : 0;
+        memset(tail_copy, 0, (size_t)(copied * vector_bytes));
+        for (int64_t k = 0; k < copied; k++)
+            memcpy(tail_copy + k * vector_bytes, run->data + (plan.full_rows + k) * run->row_bytes,
+                   (size_t)block_bytes);
+    }
+    return SIMD_FN(eb_loops)[run->index64][run->dtype][nv](&plan);
 }
 
 #endif

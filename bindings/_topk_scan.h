@@ -238,7 +238,9 @@ static int tks_topk(int level, int kind, const void *rows, const float *scale, c
     int64_t *tile_at = excl_ptr == NULL ? NULL : malloc(sizeof(int64_t) * (size_t)((num_threads + 1) * (n_tiles + 1)));
     int64_t *tile_start = tile_at == NULL ? NULL : tile_at + num_threads * (n_tiles + 1);
     tks_thread *threads = calloc((size_t)num_threads, sizeof(tks_thread));
-    int failed = qpanels == NULL || qstats == NULL || threads == NULL || (codes_bound && (q16 == NULL || q16_scale == NULL))
+    uint16_t *no_excl = calloc((size_t)(tile_rows * n_panels), sizeof(uint16_t));   /* the bitmap of a tile without exclusions */
+    int failed = qpanels == NULL || qstats == NULL || threads == NULL || no_excl == NULL
+                 || (codes_bound && (q16 == NULL || q16_scale == NULL))
                  || (excl_ptr != NULL && (excl_entries == NULL || tile_at == NULL));
     int non_finite = 0;
     tks_call call = {kind, metric, rows, scale, bias, n_rows, dim, B, k, cap, n_panels, queries, qpanels,
@@ -311,7 +313,7 @@ static int tks_topk(int level, int kind, const void *rows, const float *scale, c
             for (int64_t tile = chunk * tiles_per_chunk; tile < tile_end; tile++) {
                 const int64_t row0 = tile * tile_rows;
                 const int64_t n = n_rows - row0 < tile_rows ? n_rows - row0 : tile_rows;
-                const uint16_t *tile_excl = NULL;
+                const uint16_t *tile_excl = no_excl;
                 if (excl_ptr != NULL && tile_start[tile + 1] > tile_start[tile]) {
                     memset(excl, 0, sizeof(uint16_t) * (size_t)(n * n_panels));
                     for (int64_t e = tile_start[tile]; e < tile_start[tile + 1]; e++)
@@ -341,6 +343,7 @@ static int tks_topk(int level, int kind, const void *rows, const float *scale, c
             free(threads[t].norms);
         }
     free(threads);
+    free(no_excl);
     free(qpanels);
     free(qstats);
     free(q16);

@@ -30,8 +30,12 @@
 #include <stdint.h>
 #include <string.h>
 
-enum { TKS_FP32 = 0, TKS_FP16 = 1, TKS_BF16 = 2, TKS_INT8 = 3, TKS_INT4 = 4 };   /* = cpu.DTYPE_CODES */
-enum { TKS_IP = 0, TKS_COSINE = 1, TKS_L2 = 2 };                                   /* = cpu.METRIC_CODES */
+#include "_codes.h"
+
+/* Corpus dtypes and metrics, by the names the scan uses. */
+enum { TKS_FP32 = RS_DTYPE_FP32, TKS_FP16 = RS_DTYPE_FP16, TKS_BF16 = RS_DTYPE_BF16, TKS_INT8 = RS_DTYPE_INT8,
+       TKS_INT4 = RS_DTYPE_INT4, TKS_DTYPES = RS_DTYPES };
+enum { TKS_IP = RS_METRIC_IP, TKS_COSINE = RS_METRIC_COSINE, TKS_L2 = RS_METRIC_L2, TKS_METRICS = RS_METRICS };
 #define TKS_ROWS_BELOW 8   /* fewer queries than this: one query at a time against groups of rows */
 #define TKS_MAX_LANES 16   /* exclusion bitmaps hold a panel's query bits in a uint16 */
 #define TKS_QUANT_ALIGN 64 /* int16 query rows are padded with zeros to a multiple of this */
@@ -118,8 +122,9 @@ typedef struct {
     float *norms;                /* (tile_rows + lanes) per row |x|^2 (l2) or |x| (cosine) */
 } tks_thread;
 
-/* Scores rows row0 .. row0+n against every query into th; excl: NULL or the tile's bitmap,
- * (n, n_panels) of query bits. Returns 1 when a score came out NaN or inf. */
+/* Scores rows row0 .. row0+n against every query into th; excl: the tile's bitmap, (n, n_panels)
+ * of excluded query bits (all zero without exclusions: one code path, whose speed does not hang on
+ * how the compiler lays out a second). Returns 1 when a score came out NaN or inf. */
 typedef int (*tks_tile_fn)(const tks_call *call, tks_thread *th, int64_t row0, int64_t n, const uint16_t *excl);
 
 typedef struct {
@@ -164,8 +169,10 @@ typedef struct {
 
 #if defined(__GNUC__)
 #define TKS_UNROLL _Pragma("GCC unroll 16")
+#define TKS_UNROLL_2 _Pragma("GCC unroll 2")
 #else
 #define TKS_UNROLL
+#define TKS_UNROLL_2
 #endif
 
 /* lanes i >= TKS_L - t of tks_ones_from(t) are 1, the others 0 (t the values past the whole vectors) */
@@ -340,7 +347,7 @@ SIMD_INLINE vf tks_group_metric(const tks_call *call, int64_t q, vf s, const flo
 }
 
 /* Scores s of query q for rows id0 + r, lanes r in `lanes`, into its top-k (excl: the rows'
- * bitmap rows, or NULL). */
+ * bitmap rows). */
 SIMD_INLINE void tks_group_select(const tks_call *call, tks_thread *th, int64_t q, vf s, uint32_t lanes,
                                   int64_t id0, const uint16_t *excl)
 {
@@ -351,7 +358,7 @@ SIMD_INLINE void tks_group_select(const tks_call *call, tks_thread *th, int64_t 
         const int64_t panel = q / TKS_L, bit = q % TKS_L;
         for (; pass; pass &= pass - 1) {
             const int r = tks_lowest_bit(pass);
-            if (excl == NULL || !((excl[r * call->n_panels + panel] >> bit) & 1))
+            if (!((excl[r * call->n_panels + panel] >> bit) & 1))
                 tks_admit(call, th, q, score[r], id0 + r);
         }
     }
@@ -372,8 +379,7 @@ static vf tks_tile_rows(const tks_call *call, tks_thread *th, const float *x, in
                 acc[r] = tks_dot(x + (j + (r < m ? r : m - 1)) * dim, query, qtail, dim);
             vf s = tks_group_metric(call, q, vf_reduce_add_each(acc), th->norms + j, &check);
             check = tks_check(check, s);
-            tks_group_select(call, th, q, s, (uint32_t)((1ull << m) - 1), row0 + j,
-                             excl == NULL ? NULL : excl + j * call->n_panels);
+            tks_group_select(call, th, q, s, (uint32_t)((1ull << m) - 1), row0 + j, excl + j * call->n_panels);
         }
     }
     return check;
@@ -472,7 +478,7 @@ static vf tks_tile_codes(const tks_call *call, tks_thread *th, const uint8_t *co
             vf s = vf_fmadd(row_scale, vf_reduce_add_each(acc), bias_part);
             s = tks_group_metric(call, q, s, th->norms + j, &check);
             check = tks_check(check, s);
-            tks_group_select(call, th, q, s, reach, row0 + j, excl == NULL ? NULL : excl + j * call->n_panels);
+            tks_group_select(call, th, q, s, reach, row0 + j, excl + j * call->n_panels);
         }
     }
     return check;
@@ -496,6 +502,7 @@ SIMD_INLINE vf tks_block(const tks_call *call, tks_thread *th, const float *x, i
         TKS_UNROLL
         for (int p = 0; p < np; p++)
             acc[r][p] = vf_zero();
+    TKS_UNROLL_2
     for (int64_t c = 0; c < dim; c++) {
         vf qv[TKS_NP];
         TKS_UNROLL
@@ -533,8 +540,7 @@ SIMD_INLINE vf tks_block(const tks_call *call, tks_thread *th, const float *x, i
             check = tks_check(check, s);
             uint32_t pass = vmask_bits(vf_ge(s, thr[p]));
             if (pass) {   /* rare: the masks of excluded queries and padding lanes only here */
-                if (excl != NULL)
-                    pass &= ~(uint32_t)excl[r * call->n_panels + p0 + p];
+                pass &= ~(uint32_t)excl[r * call->n_panels + p0 + p];
                 if (p0 + p == call->n_panels - 1)
                     pass &= call->last_lanes;
                 float score[TKS_L];
@@ -557,7 +563,7 @@ SIMD_INLINE vf tks_panels_block(const tks_call *call, tks_thread *th, const floa
     const int nr = TKS_ROWS(np);
     for (int64_t j = 0; j < n; j += nr)
         check = tks_block(call, th, x + j * call->dim, n - j < nr ? n - j : nr, row0 + j, p0, th->norms + j,
-                          excl == NULL ? NULL : excl + j * call->n_panels, np, nr, check);
+                          excl + j * call->n_panels, np, nr, check);
     return check;
 }
 
