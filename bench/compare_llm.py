@@ -95,15 +95,28 @@ def greedy_prompts():
 
 
 def log_softmax(logits):
-    logits = np.asarray(logits, dtype=np.float64)
+    """float32 log-softmax of (positions, vocab) logits, the normalizer summed in float64."""
+    logits = np.asarray(logits, dtype=np.float32)
     top = logits.max(-1, keepdims=True)
-    return logits - top - np.log(np.exp(logits - top).sum(-1, keepdims=True))
+    shifted = logits - top
+    return shifted - np.log(np.exp(shifted).sum(-1, keepdims=True, dtype=np.float64)).astype(np.float32)
 
 
-def pair_stats(a, b):
-    """Top-1 agreement and mean KL(b || a) of two log-softmax arrays (positions, vocab)."""
-    return {"top1": float((a.argmax(-1) == b.argmax(-1)).mean()),
-            "kl_mean": float((np.exp(b) * (b - a)).sum(-1).mean())}
+class Agreement:
+    """Top-1 agreement and mean KL(b || a) of two models' next-token distributions, accumulated
+    segment by segment (a vocabulary-wide float array of every position would not fit in memory)."""
+
+    def __init__(self):
+        self.positions = self.same_top1 = 0
+        self.kl_sum = 0.0
+
+    def add(self, a, b):
+        self.positions += len(a)
+        self.same_top1 += int((a.argmax(-1) == b.argmax(-1)).sum())
+        self.kl_sum += float((np.exp(b, dtype=np.float64) * (b.astype(np.float64) - a)).sum())
+
+    def result(self):
+        return {"top1": self.same_top1 / self.positions, "kl_mean": self.kl_sum / self.positions}
 
 
 def last_logits(llama):
@@ -151,25 +164,23 @@ def agreement(llm, path, quick):
         ids = tokenizer.encode(text, add_bos=False)
         segments += [[tokenizer.bos_id] + ids[i:i + SEGMENT - 1] for i in range(0, len(ids) - 32, SEGMENT - 1)]
     segments = segments[:2 if quick else 10]
-    ours, exact, theirs, theirs_stepwise = [], [], [], []
+    pairs = {name: Agreement() for name in ("ours_vs_llama", "exact_vs_llama", "llama_token_by_token_vs_llama",
+                                            "ours_vs_exact", "llama_vs_exact")}
     for ids in segments:
         cache = gemma3.KVCache(llm.model.config, SEGMENT)
-        ours.append(log_softmax(gemma3.logits(llm.model, gemma3.forward(llm.model, cache, ids))))
+        ours = log_softmax(gemma3.logits(llm.model, gemma3.forward(llm.model, cache, ids)))
         with use_backend("reference"):
             cache = gemma3.KVCache(llm.model.config, SEGMENT)
-            exact.append(log_softmax(gemma3.logits(llm.model, gemma3.forward(llm.model, cache, ids))))
-        theirs.append(log_softmax(llama_logits(peer, ids)))
-        theirs_stepwise.append(log_softmax(llama_logits(stepwise, ids)))
+            exact = log_softmax(gemma3.logits(llm.model, gemma3.forward(llm.model, cache, ids)))
+        theirs = log_softmax(llama_logits(peer, ids))
+        pairs["ours_vs_llama"].add(ours, theirs)
+        pairs["exact_vs_llama"].add(exact, theirs)
+        pairs["ours_vs_exact"].add(ours, exact)
+        pairs["llama_vs_exact"].add(theirs, exact)
+        pairs["llama_token_by_token_vs_llama"].add(log_softmax(llama_logits(stepwise, ids)), theirs)
         print(f"  segment of {len(ids)} tokens done", flush=True)
-    ours, exact, theirs, theirs_stepwise = (np.concatenate(x) for x in (ours, exact, theirs, theirs_stepwise))
-    results["teacher_forced"] = {
-        "positions": len(ours), "segments": len(segments),
-        "ours_vs_llama": pair_stats(ours, theirs),
-        "exact_vs_llama": pair_stats(exact, theirs),
-        "llama_token_by_token_vs_llama": pair_stats(theirs_stepwise, theirs),
-        "ours_vs_exact": pair_stats(ours, exact),
-        "llama_vs_exact": pair_stats(theirs, exact),
-    }
+    results["teacher_forced"] = {"positions": pairs["ours_vs_llama"].positions, "segments": len(segments),
+                                 **{name: pair.result() for name, pair in pairs.items()}}
     print(json.dumps(results["teacher_forced"], indent=1), flush=True)
 
     prompts = greedy_prompts()[:10 if quick else 50]

@@ -29,7 +29,7 @@ def main(argv=None):
     generate.add_argument("--seed", type=int)
     generate.add_argument("--stop", action="append", default=[], help="stop before this text (repeatable)")
     generate.add_argument("--model", metavar="GGUF", help="a Gemma 3 GGUF file instead of the packaged one")
-    generate.add_argument("--context", type=int, default=4096, help="KV cache positions (default 4096)")
+    generate.add_argument("--context", type=int, help="KV cache positions (default: the runtime's, 4096)")
     generate.add_argument("--threads", type=int, help="kernel threads (default: all cores)")
     args = parser.parse_args(argv)
     if args.command == "encode":

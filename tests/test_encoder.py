@@ -18,8 +18,8 @@ from recscore.models import minilm  # noqa: E402
 from recscore.models.minilm import Encoder  # noqa: E402
 
 needs_movielens = pytest.mark.skipif(not MOVIELENS.exists(), reason=f"MovieLens not found at {MOVIELENS}")
-SAMPLE = 240        # mixed texts compared with sentence-transformers here (2,000+ in the bench script)
-ITEMS = 400         # MovieLens item texts for the neighbour check
+SAMPLE = 160        # mixed texts compared with sentence-transformers here (2,000+ in the bench script)
+ITEMS = 300         # MovieLens item texts for the neighbour check
 
 
 @pytest.fixture(scope="module")

@@ -253,7 +253,8 @@ class LLM:
             block = gemma3.logits(self.model, rows[first:first + SCORE_ROWS])
             mine = np.flatnonzero((row_of >= first) & (row_of < first + len(block)))
             local = row_of[mine] - first
-            out[mine] = block[local, targets[mine]].astype(np.float64) - _logsumexp(block)[local]
+            chosen = block[local, targets[mine]].astype(np.float64)   # before _logsumexp overwrites block
+            out[mine] = chosen - _logsumexp(block)[local]
         return out
 
     # ---- the prompt and the caches ----------------------------------------------------------------
@@ -389,7 +390,7 @@ def generate_command(args):
         numba.set_num_threads(args.threads)
     start = time.perf_counter()
     try:
-        llm = LLM.from_gguf(args.model, context=args.context)
+        llm = LLM.from_gguf(args.model, **({} if args.context is None else {"context": args.context}))
     except (FileNotFoundError, ValueError, ImportError) as error:
         print(f"recscore generate: {error}", file=sys.stderr)
         return 2

