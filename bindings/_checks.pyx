@@ -48,12 +48,20 @@ def first_bad_index(const index_t[::1] indices, const int64_t[::1] offsets,
                     const int64_t[::1] rows_per_table, int64_t bags_per_table):
     """First position i whose index is outside [-1, R_t) for the table t that owns it.
 
-    `offsets` must already be valid (see first_bad_offset); it is table-major, with
-    `bags_per_table` bags for each of the len(rows_per_table) tables.
+    `offsets` is table-major, with `bags_per_table` bags for each of the len(rows_per_table) tables,
+    and must pass first_bad_offset (ValueError otherwise: the scan reads indices by it).
     """
-    cdef Py_ssize_t bad
+    if bags_per_table < 0 or offsets.shape[0] != rows_per_table.shape[0] * bags_per_table + 1:
+        raise ValueError(f"offsets must have len(rows_per_table) * bags_per_table + 1 = "
+                         f"{rows_per_table.shape[0] * bags_per_table + 1} entries, got {offsets.shape[0]}")
+    cdef Py_ssize_t bad_offset, bad = -1
     with nogil:
-        bad = _first_bad_index(indices, offsets, rows_per_table, bags_per_table)
+        bad_offset = _first_bad_offset(offsets, indices.shape[0])
+        if bad_offset < 0:
+            bad = _first_bad_index(indices, offsets, rows_per_table, bags_per_table)
+    if bad_offset >= 0:
+        raise ValueError(f"offsets[{bad_offset}] breaks offsets[0] == 0, non-decreasing, offsets[-1] == "
+                         f"len(indices) = {indices.shape[0]}")
     return bad
 
 

@@ -67,7 +67,7 @@ static int64_t eb_table_run(const eb_call *call, eb_pool_fn pool, int64_t t, int
     const int dtype = (int)table[EB_DTYPE];
     const eb_run run = {
         .data = (const uint8_t *)(intptr_t)table[EB_DATA],
-        .qparams = dtype >= EB_INT8 ? (const uint8_t *)(intptr_t)table[EB_QPARAMS] : NULL,
+        .qparams = dtype == EB_INT8 || dtype == EB_INT4 ? (const uint8_t *)(intptr_t)table[EB_QPARAMS] : NULL,
         .qparams_stride = table[EB_QPARAMS_STRIDE],
         .rows = table[EB_ROWS], .row_bytes = table[EB_ROW_BYTES], .dim = table[EB_DIM], .dtype = dtype,
         .indices = call->indices, .index64 = call->index64, .offsets = call->offsets, .weights = call->weights,

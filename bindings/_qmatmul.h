@@ -42,6 +42,7 @@ typedef struct {
     int qm_repack##suffix(const qm_matrix *w, uint8_t *panels, int threads);                                   \
     int qm_panel_matmul##suffix(int fmt, const uint8_t *panels, int64_t N, int64_t K, const float *x, int64_t M, \
                                 float *out, int threads);                                                      \
+    int qm_streamed_panel_matmul##suffix(const qm_matrix *w, const float *x, int64_t M, float *out, int threads); \
     int qm_float_matmul##suffix(const qm_matrix *w, const float *x, int64_t M, float *out, int threads);      \
     int qm_take##suffix(const qm_matrix *w, const int64_t *rows, int64_t n_rows, float *out, int threads);
 QM_LEVEL_KERNELS(_baseline)
@@ -56,13 +57,14 @@ typedef struct {
     int64_t (*panel_bytes)(int64_t, int64_t);
     int (*repack)(const qm_matrix *, uint8_t *, int);
     int (*panel_matmul)(int, const uint8_t *, int64_t, int64_t, const float *, int64_t, float *, int);
+    int (*streamed_panel_matmul)(const qm_matrix *, const float *, int64_t, float *, int);
     int (*float_matmul)(const qm_matrix *, const float *, int64_t, float *, int);
     int (*take)(const qm_matrix *, const int64_t *, int64_t, float *, int);
 } qm_kernels;
 
 #define QM_LEVEL_TABLE(suffix)                                                                                 \
     { qm_matmul##suffix, qm_panel_bytes##suffix, qm_repack##suffix, qm_panel_matmul##suffix,                 \
-      qm_float_matmul##suffix, qm_take##suffix }
+      qm_streamed_panel_matmul##suffix, qm_float_matmul##suffix, qm_take##suffix }
 static const qm_kernels qm_levels[RS_LEVELS] = {
     QM_LEVEL_TABLE(_baseline), QM_LEVEL_TABLE(_avx2), QM_LEVEL_TABLE(_avx512), QM_LEVEL_TABLE(_avx512_vnni),
 };
@@ -87,6 +89,11 @@ static int qm_panel_matmul(int level, int fmt, const uint8_t *panels, int64_t N,
                            float *out, int threads)
 {
     return rs_level_ok(level) ? qm_levels[level].panel_matmul(fmt, panels, N, K, x, M, out, threads) : RS_ERR_LEVEL;
+}
+
+static int qm_streamed_panel_matmul(int level, const qm_matrix *w, const float *x, int64_t M, float *out, int threads)
+{
+    return rs_level_ok(level) ? qm_levels[level].streamed_panel_matmul(w, x, M, out, threads) : RS_ERR_LEVEL;
 }
 
 static int qm_float_matmul(int level, const qm_matrix *w, const float *x, int64_t M, float *out, int threads)

@@ -28,6 +28,7 @@ cdef extern from "_qmatmul.h" nogil:
     int qm_repack(int level, const qm_matrix *w, uint8_t *panels, int threads)
     int qm_panel_matmul(int level, int fmt, const uint8_t *panels, int64_t N, int64_t K, const float *x, int64_t M,
                         float *out, int threads)
+    int qm_streamed_panel_matmul(int level, const qm_matrix *w, const float *x, int64_t M, float *out, int threads)
     int qm_float_matmul(int level, const qm_matrix *w, const float *x, int64_t M, float *out, int threads)
     int qm_take(int level, const qm_matrix *w, const int64_t *rows, int64_t n_rows, float *out, int threads)
 
@@ -112,6 +113,21 @@ def matmul(int fmt, const uint8_t[:, ::1] data, const float[:, ::1] scales, int6
     with nogil:
         status = qm_matmul(level, &w, &x[0, 0], x.shape[0], &out[0, 0], threads)
     _check_status(status, "row kernel")
+
+
+def streamed_panel_matmul(int fmt, const uint8_t[:, ::1] data, const float[:, ::1] scales, int64_t group_size,
+                          const float[:, ::1] x, float[:, ::1] out, int threads, int level):
+    """out (M, N) = x (M, K) @ W.T with int8 activations, through panels repacked from the packed rows
+    a few at a time (matrices too large to keep panels for)."""
+    _check_level(level)
+    cdef qm_matrix w
+    if not _describe(&w, fmt, data, scales, group_size, x.shape[1], True):
+        raise _matrix_error("streamed panel kernel", fmt, data, scales, group_size, x.shape[1])
+    _check_product(x, out, w.N, w.K, threads)
+    cdef int status
+    with nogil:
+        status = qm_streamed_panel_matmul(level, &w, &x[0, 0], x.shape[0], &out[0, 0], threads)
+    _check_status(status, "streamed panel kernel")
 
 
 def float_matmul(int fmt, const uint8_t[:, ::1] data, const float[:, ::1] scales, int64_t group_size,

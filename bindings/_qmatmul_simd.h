@@ -728,10 +728,34 @@ int64_t SIMD_FN(qm_panel_bytes)(int64_t N, int64_t K)
     return (N + QM_PANEL_ROWS - 1) / QM_PANEL_ROWS * (K / 32) * QM_PANEL_BLOCK;
 }
 
+/* Panel p of W into `panel` (K / 32 * QM_PANEL_BLOCK bytes, zeroed: rows past N stay zero); codes (K
+ * bytes) and scale16 (K / 16 + 1 + K / 32 floats) are the caller's scratch. */
+static void qm_repack_panel(const qm_matrix *w, int64_t p, uint8_t *panel, uint8_t *codes, float *scale16)
+{
+    const int fmt = w->fmt;
+    const int64_t K = w->K, N = w->N, nb = K / 32;
+    float *mins = scale16 + K / 16 + 1;
+    for (int64_t r = 0; r < QM_PANEL_ROWS && p * QM_PANEL_ROWS + r < N; r++) {
+        qm_row_codes(w, p * QM_PANEL_ROWS + r, codes, 32);
+        qm_row_scales(w, p * QM_PANEL_ROWS + r, scale16, mins);
+        for (int64_t b = 0; b < nb; b++) {
+            uint8_t *block = panel + b * QM_PANEL_BLOCK;
+            int32_t seed = 0;
+            for (int j = 0; j < 8; j++)
+                memcpy(block + 4 * QM_PANEL_ROWS * j + 4 * r, codes + 32 * b + 4 * j, 4);
+            for (int k = 0; k < 32 && QM_SIGNED(fmt); k++)
+                seed -= 128 * (int8_t)codes[32 * b + k];
+            const float extra = fmt == QM_Q6_K ? scale16[2 * b + 1] : fmt == QM_Q4_K ? mins[b] : 0.0f;
+            memcpy(block + QM_PANEL_SEEDS + 4 * r, &seed, 4);
+            memcpy(block + QM_PANEL_SCALES + 4 * r, &scale16[2 * b], 4);
+            memcpy(block + QM_PANEL_EXTRA + 4 * r, &extra, 4);
+        }
+    }
+}
+
 /* W -> panels (qm_panel_bytes(N, K) bytes, zeroed by the caller: rows past N stay zero). */
 int SIMD_FN(qm_repack)(const qm_matrix *w, uint8_t *panels, int threads)
 {
-    const int fmt = w->fmt;
     const int64_t K = w->K, N = w->N, nb = K / 32, n_panels = (N + QM_PANEL_ROWS - 1) / QM_PANEL_ROWS;
     int failed = 0;
     #pragma omp parallel num_threads(threads) if (n_panels > 1)
@@ -743,37 +767,19 @@ int SIMD_FN(qm_repack)(const qm_matrix *w, uint8_t *panels, int threads)
             #pragma omp atomic write
             failed = 1;
         }
-        float *mins = scale16 + K / 16 + 1;
         #pragma omp for schedule(static)
-        for (int64_t p = 0; p < n_panels; p++) {
-            if (!ready)
-                continue;
-            for (int64_t r = 0; r < QM_PANEL_ROWS && p * QM_PANEL_ROWS + r < N; r++) {
-                qm_row_codes(w, p * QM_PANEL_ROWS + r, codes, 32);
-                qm_row_scales(w, p * QM_PANEL_ROWS + r, scale16, mins);
-                for (int64_t b = 0; b < nb; b++) {
-                    uint8_t *block = panels + (p * nb + b) * QM_PANEL_BLOCK;
-                    int32_t seed = 0;
-                    for (int j = 0; j < 8; j++)
-                        memcpy(block + 4 * QM_PANEL_ROWS * j + 4 * r, codes + 32 * b + 4 * j, 4);
-                    for (int k = 0; k < 32 && QM_SIGNED(fmt); k++)
-                        seed -= 128 * (int8_t)codes[32 * b + k];
-                    const float extra = fmt == QM_Q6_K ? scale16[2 * b + 1] : fmt == QM_Q4_K ? mins[b] : 0.0f;
-                    memcpy(block + QM_PANEL_SEEDS + 4 * r, &seed, 4);
-                    memcpy(block + QM_PANEL_SCALES + 4 * r, &scale16[2 * b], 4);
-                    memcpy(block + QM_PANEL_EXTRA + 4 * r, &extra, 4);
-                }
-            }
-        }
+        for (int64_t p = 0; p < n_panels; p++)
+            if (ready)
+                qm_repack_panel(w, p, panels + p * nb * QM_PANEL_BLOCK, codes, scale16);
         free(codes);
         free(scale16);
     }
     return failed ? RS_ERR_MEMORY : RS_OK;
 }
 
-/* out[m0 .. m0 + XR, rows of panels p0 .. p0 + NP); fmt, XR and NP are constants in each inlined copy, so
- * the accumulators live in registers. */
-SIMD_INLINE void qm_panel_tile(const int fmt, const int XR, const int NP, const uint8_t *panels, int64_t p0,
+/* out[m0 .. m0 + XR, rows of panels p0 .. p0 + NP), those panels at `group`; fmt, XR and NP are constants
+ * in each inlined copy, so the accumulators live in registers. */
+SIMD_INLINE void qm_panel_tile(const int fmt, const int XR, const int NP, const uint8_t *group, int64_t p0,
                                const qm_acts *a, int64_t K, int64_t m0, int64_t N, float *out)
 {
     const int64_t nb = K / 32;
@@ -786,7 +792,7 @@ SIMD_INLINE void qm_panel_tile(const int fmt, const int XR, const int NP, const 
     for (int64_t b = 0; b < nb; b++) {
         const uint8_t *block[QM_PANEL_COLS];
         for (int p = 0; p < NP; p++)
-            block[p] = panels + ((p0 + p) * nb + b) * QM_PANEL_BLOCK;
+            block[p] = group + (p * nb + b) * QM_PANEL_BLOCK;
         QM_UNROLL
         for (int h = 0; h < halves; h++) {   /* q6_k: codes 0-15 and 16-31 of the block have their own scale */
             vi isum[QM_PANEL_XROWS][QM_PANEL_COLS];
@@ -859,28 +865,40 @@ SIMD_INLINE void qm_panel_tile(const int fmt, const int XR, const int NP, const 
     }
 }
 
-/* every activation row against panels p0 .. p0 + NP, QM_PANEL_XROWS rows at a time */
-SIMD_INLINE void qm_panel_rows(const int fmt, const int NP, const uint8_t *panels, int64_t p0, const qm_acts *a,
+/* every activation row against panels p0 .. p0 + NP (at `group`), QM_PANEL_XROWS rows at a time */
+SIMD_INLINE void qm_panel_rows(const int fmt, const int NP, const uint8_t *group, int64_t p0, const qm_acts *a,
                                int64_t K, int64_t M, int64_t N, float *out)
 {
     int64_t m0 = 0;
     for (; m0 + QM_PANEL_XROWS <= M; m0 += QM_PANEL_XROWS)
-        qm_panel_tile(fmt, QM_PANEL_XROWS, NP, panels, p0, a, K, m0, N, out);
+        qm_panel_tile(fmt, QM_PANEL_XROWS, NP, group, p0, a, K, m0, N, out);
     for (; m0 < M; m0++)
-        qm_panel_tile(fmt, 1, NP, panels, p0, a, K, m0, N, out);
+        qm_panel_tile(fmt, 1, NP, group, p0, a, K, m0, N, out);
 }
 
-SIMD_INLINE void qm_panel_columns(const int NP, int fmt, const uint8_t *panels, int64_t p0, const qm_acts *a,
+SIMD_INLINE void qm_panel_columns(const int NP, int fmt, const uint8_t *group, int64_t p0, const qm_acts *a,
                                   int64_t K, int64_t M, int64_t N, float *out)
 {
     switch (fmt) {   /* one inlined copy per format */
-    case QM_Q8_0: qm_panel_rows(QM_Q8_0, NP, panels, p0, a, K, M, N, out); break;
-    case QM_Q5_0: qm_panel_rows(QM_Q5_0, NP, panels, p0, a, K, M, N, out); break;
-    case QM_Q4_K: qm_panel_rows(QM_Q4_K, NP, panels, p0, a, K, M, N, out); break;
-    case QM_Q6_K: qm_panel_rows(QM_Q6_K, NP, panels, p0, a, K, M, N, out); break;
-    case QM_INT8: qm_panel_rows(QM_INT8, NP, panels, p0, a, K, M, N, out); break;
-    default: qm_panel_rows(QM_INT4, NP, panels, p0, a, K, M, N, out); break;
+    case QM_Q8_0: qm_panel_rows(QM_Q8_0, NP, group, p0, a, K, M, N, out); break;
+    case QM_Q5_0: qm_panel_rows(QM_Q5_0, NP, group, p0, a, K, M, N, out); break;
+    case QM_Q4_K: qm_panel_rows(QM_Q4_K, NP, group, p0, a, K, M, N, out); break;
+    case QM_Q6_K: qm_panel_rows(QM_Q6_K, NP, group, p0, a, K, M, N, out); break;
+    case QM_INT8: qm_panel_rows(QM_INT8, NP, group, p0, a, K, M, N, out); break;
+    default: qm_panel_rows(QM_INT4, NP, group, p0, a, K, M, N, out); break;
     }
+}
+
+/* Panels p0 .. p0 + QM_PANEL_COLS (or to the last) at `group` against every activation row. */
+SIMD_INLINE void qm_panel_group(int fmt, const uint8_t *group, int64_t p0, int64_t n_panels, const qm_acts *a,
+                                int64_t K, int64_t M, int64_t N, float *out)
+{
+    const int64_t panel_bytes = K / 32 * QM_PANEL_BLOCK;
+    if (p0 + QM_PANEL_COLS <= n_panels)
+        qm_panel_columns(QM_PANEL_COLS, fmt, group, p0, a, K, M, N, out);
+    else
+        for (int64_t p = p0; p < n_panels; p++)
+            qm_panel_columns(1, fmt, group + (p - p0) * panel_bytes, p, a, K, M, N, out);
 }
 
 /* out (M, N) = x (M, K) @ W.T from qm_repack's panels. Parallel over groups of QM_PANEL_COLS panels (their
@@ -894,16 +912,51 @@ int SIMD_FN(qm_panel_matmul)(int fmt, const uint8_t *panels, int64_t N, int64_t 
     if (qm_quantize(x, M, K, SIMD_LEVEL == 3 && QM_SIGNED(fmt), &acts) != RS_OK)
         return RS_ERR_MEMORY;
     #pragma omp parallel for schedule(static) num_threads(threads) if (n_groups > 1)
-    for (int64_t g = 0; g < n_groups; g++) {
-        const int64_t p0 = g * QM_PANEL_COLS;
-        if (p0 + QM_PANEL_COLS <= n_panels)
-            qm_panel_columns(QM_PANEL_COLS, fmt, panels, p0, &acts, K, M, N, out);
-        else
-            for (int64_t p = p0; p < n_panels; p++)
-                qm_panel_columns(1, fmt, panels, p, &acts, K, M, N, out);
-    }
+    for (int64_t g = 0; g < n_groups; g++)
+        qm_panel_group(fmt, panels + g * QM_PANEL_COLS * (K / 32) * QM_PANEL_BLOCK, g * QM_PANEL_COLS, n_panels,
+                       &acts, K, M, N, out);
     free(acts.memory);
     return RS_OK;
+}
+
+/* out (M, N) = x (M, K) @ W.T through panels repacked on the fly from the packed rows, one group of
+ * QM_PANEL_COLS panels at a time into a buffer that stays in L1/L2 while every activation row meets it:
+ * the panel kernel's speed for matrices whose stored panels would cost too much memory. */
+int SIMD_FN(qm_streamed_panel_matmul)(const qm_matrix *w, const float *x, int64_t M, float *out, int threads)
+{
+    const int fmt = w->fmt;
+    const int64_t K = w->K, N = w->N, nb = K / 32, group_bytes = QM_PANEL_COLS * nb * QM_PANEL_BLOCK;
+    const int64_t n_panels = (N + QM_PANEL_ROWS - 1) / QM_PANEL_ROWS;
+    const int64_t n_groups = (n_panels + QM_PANEL_COLS - 1) / QM_PANEL_COLS;
+    qm_acts acts;
+    if (qm_quantize(x, M, K, SIMD_LEVEL == 3 && QM_SIGNED(fmt), &acts) != RS_OK)
+        return RS_ERR_MEMORY;
+    int failed = 0;
+    #pragma omp parallel num_threads(threads) if (n_groups > 1)
+    {
+        uint8_t *group = malloc((size_t)(group_bytes + K));
+        float *scale16 = malloc(sizeof(float) * (size_t)(K / 16 + 1 + nb));
+        const int ready = group != NULL && scale16 != NULL;
+        if (!ready) {
+            #pragma omp atomic write
+            failed = 1;
+        }
+        #pragma omp for schedule(static)
+        for (int64_t g = 0; g < n_groups; g++) {
+            if (!ready)
+                continue;
+            const int64_t p0 = g * QM_PANEL_COLS;
+            if ((p0 + QM_PANEL_COLS) * QM_PANEL_ROWS > N)   /* the last group: rows past N are zero */
+                memset(group, 0, (size_t)group_bytes);
+            for (int64_t p = p0; p < p0 + QM_PANEL_COLS && p < n_panels; p++)
+                qm_repack_panel(w, p, group + (p - p0) * nb * QM_PANEL_BLOCK, group + group_bytes, scale16);
+            qm_panel_group(fmt, group, p0, n_panels, &acts, K, M, N, out);
+        }
+        free(group);
+        free(scale16);
+    }
+    free(acts.memory);
+    return failed ? RS_ERR_MEMORY : RS_OK;
 }
 
 /* ---------------------------------------------------------------------------------------------------

@@ -7,6 +7,8 @@ from libc.stdint cimport int64_t, uint8_t
 
 cdef extern from "_topk_scan.h" nogil:
     int RS_OK, RS_ERR_MEMORY, RS_ERR_LEVEL, TKS_ERR_NON_FINITE
+    int TKS_FP32, TKS_FP16, TKS_BF16, TKS_INT8, TKS_INT4
+    int TKS_IP, TKS_COSINE, TKS_L2, TKS_METRICS
     int rs_cpu_level()
     int rs_level_ok(int level)
     int64_t tks_tile_rows(int level, int64_t B, int64_t dim)
@@ -33,9 +35,9 @@ def scan(int level, int kind, rows, const float[::1] scale, const float[::1] bia
     slots id -1, score -inf, +inf for l2), on up to num_threads threads. ValueError when a score comes
     out NaN or inf ("corpus contains NaN or inf").
 
-    rows: N C-contiguous rows of float32 (kind 0, (N, d)), uint16 bits of fp16 (1) / bf16 (2) ((N, d)), or
-    uint8 codes of int8 (3, (N, d)) / int4 (4, (N, (d + 1) // 2)) with scale, bias (N,); else scale and
-    bias are empty. metric: 0 ip, 1 cosine, 2 l2.
+    kind, metric: codes of recscore.bindings._cpu.DTYPE_CODES, METRIC_CODES.
+    rows: N C-contiguous rows of float32 (fp32, (N, d)), uint16 bits of fp16 / bf16 ((N, d)), or uint8
+    codes of int8 ((N, d)) / int4 ((N, (d + 1) // 2)) with scale, bias (N,); else scale and bias are empty.
     excl_ptr (B + 1) / excl_ids: the exclusion CSR (query q's ids, any order, at excl_ids[excl_ptr[q]:excl_ptr[q + 1]];
     ids outside [0, N) are ignored), or excl_ptr of length 0 for none.
     int8_bound: int8 rows with fewer than 8 queries skip groups by an exact integer bound (off: all scored in float).
@@ -46,26 +48,26 @@ def scan(int level, int kind, rows, const float[::1] scale, const float[::1] bia
     cdef const uint8_t[:, ::1] rows_u8
     cdef const void *rows_ptr = NULL
     cdef int64_t n_rows, row_width, dim = queries.shape[1], B = queries.shape[0]
-    if kind == 0:
+    if kind == TKS_FP32:
         rows_f32 = rows
         n_rows, row_width = rows_f32.shape[0], rows_f32.shape[1]
         rows_ptr = &rows_f32[0, 0] if n_rows and row_width else NULL
-    elif kind == 1 or kind == 2:
+    elif kind == TKS_FP16 or kind == TKS_BF16:
         rows_u16 = rows
         n_rows, row_width = rows_u16.shape[0], rows_u16.shape[1]
         rows_ptr = &rows_u16[0, 0] if n_rows and row_width else NULL
-    elif kind == 3 or kind == 4:
+    elif kind == TKS_INT8 or kind == TKS_INT4:
         rows_u8 = rows
         n_rows, row_width = rows_u8.shape[0], rows_u8.shape[1]
         rows_ptr = &rows_u8[0, 0] if n_rows and row_width else NULL
     else:
         raise ValueError(f"topk scan: unknown corpus kind {kind}")
-    if row_width != (dim if kind != 4 else (dim + 1) // 2):
+    if row_width != (dim if kind != TKS_INT4 else (dim + 1) // 2):
         raise ValueError("topk scan: rows do not hold d values a row (d from the queries)")
-    cdef bint quantized = kind >= 3
+    cdef bint quantized = kind == TKS_INT8 or kind == TKS_INT4
     if scale.shape[0] != (n_rows if quantized else 0) or bias.shape[0] != scale.shape[0]:
         raise ValueError("topk scan: scale and bias must have one value a row for int8/int4, none else")
-    if metric not in (0, 1, 2) or k < 1 or num_threads < 1:
+    if not 0 <= metric < TKS_METRICS or k < 1 or num_threads < 1:
         raise ValueError("topk scan: bad metric, k or thread count")
     if scores.shape[0] != B or scores.shape[1] != k or ids.shape[0] != B or ids.shape[1] != k:
         raise ValueError("topk scan: scores and ids must be (B, k)")
@@ -98,3 +100,9 @@ def scan(int level, int kind, rows, const float[::1] scale, const float[::1] bia
         raise MemoryError("topk scan: out of memory for the query panels or tile buffers")
     if status == TKS_ERR_NON_FINITE:
         raise ValueError("corpus contains NaN or inf (a score came out non-finite)")
+
+
+def codes():
+    """The dtype and metric codes this module's C code was compiled with (tests/test_codes.py)."""
+    return {"dtype": {"fp32": TKS_FP32, "fp16": TKS_FP16, "bf16": TKS_BF16, "int8": TKS_INT8, "int4": TKS_INT4},
+            "metric": {"ip": TKS_IP, "cosine": TKS_COSINE, "l2": TKS_L2}}

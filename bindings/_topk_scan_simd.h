@@ -45,8 +45,7 @@ enum { TKS_IP = RS_METRIC_IP, TKS_COSINE = RS_METRIC_COSINE, TKS_L2 = RS_METRIC_
 static inline int32_t tks_order(int32_t bits) { return bits ^ ((bits >> 31) & 0x7FFFFFFF); }
 static inline int32_t tks_bits(float x) { int32_t b; memcpy(&b, &x, 4); return b; }
 static inline float tks_float(int32_t b) { float x; memcpy(&x, &b, 4); return x; }
-/* The key of score -inf with id 0: every finite score's key is above it. */
-#define TKS_FLOOR_KEY ((int64_t)(((uint64_t)(uint32_t)-2139095041 << 32) | 0xFFFFFFFFULL))
+#define TKS_FLOOR_KEY ((int64_t)RS_TOPK_FLOOR_KEY)
 
 /* The index of the lowest set bit of bits != 0. */
 static inline int tks_lowest_bit(uint32_t bits)

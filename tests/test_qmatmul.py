@@ -197,7 +197,7 @@ def test_real_file_tensors_match_gguf(gemma_gguf, cpu_level, rng):
 
 def test_real_file_matmuls(gemma_gguf, cpu_level, rng):
     """Gemma's layer matrices (Q5_0, Q6_K, Q4_K, Q8_0) and the token embedding as the output projection
-    (the row kernel for every M: too large for panels)."""
+    (too large for stored panels)."""
     tensors = {t.name: t for t in gemma_gguf.tensors}
     for name in ("blk.0.ffn_gate.weight", "blk.0.ffn_down.weight", "blk.0.attn_output.weight", "blk.0.attn_v.weight"):
         qm = QuantizedMatrix.from_gguf(tensors[name])
@@ -208,7 +208,7 @@ def test_real_file_matmuls(gemma_gguf, cpu_level, rng):
     assert embedding.shape == (262144, 640) and embedding.fmt == "q8_0" and not cpu.uses_panels(embedding, 5)
     rows = np.sort(rng.choice(262144, 300, replace=False))
     part = QuantizedMatrix("q8_0", (300, 640), np.ascontiguousarray(embedding.data[rows]), group_size=32)
-    for M in (1, 5):
+    for M in (1, 5, cpu.STREAMED_PANEL_MIN_M + 1):   # row kernel, then streamed panels
         x = rng.standard_normal((M, 640)).astype(np.float32)
         y = qmatmul(x, embedding)
         assert y.shape == (M, 262144)
@@ -264,6 +264,8 @@ def test_int8_activation_kernels(rng, monkeypatch, cpu_level, fmt, group_size):
             if M > 1:
                 kernels["panels"] = lambda out, threads: _qmatmul.panel_matmul(
                     cpu.FORMAT_IDS[fmt], cpu.panels(qm, level), x, out, threads, level)
+                kernels["streamed panels"] = lambda out, threads: _qmatmul.streamed_panel_matmul(
+                    *kernel_args(qm), x, out, threads, level)
             results = {}
             for name, kernel in kernels.items():
                 by_threads = []
@@ -274,10 +276,14 @@ def test_int8_activation_kernels(rng, monkeypatch, cpu_level, fmt, group_size):
                 assert by_threads[0].tobytes() == by_threads[1].tobytes(), name
                 check_close(by_threads[0], x, qm, "cpu")
                 results[name] = by_threads[0]
+            if M > 1:   # the same panels, stored or repacked on the fly: the same bits
+                assert results["streamed panels"].tobytes() == results["panels"].tobytes()
             assert cpu.uses_panels(qm, M) == (M > 1)
             assert qmatmul(x, qm).tobytes() == results["panels" if M > 1 else "rows"].tobytes()
-    monkeypatch.setattr(cpu, "PANEL_MAX_WEIGHTS", 0)   # a matrix too large for panels: the row kernel
-    assert qmatmul(x, qm).tobytes() == results["rows"].tobytes()
+            with monkeypatch.context() as patch:   # a matrix too large for stored panels
+                patch.setattr(cpu, "PANEL_MAX_WEIGHTS", 0)
+                large = "streamed panels" if M >= cpu.STREAMED_PANEL_MIN_M else "rows"
+                assert qmatmul(x, qm).tobytes() == results[large].tobytes()
 
 
 def exact_integer_matrix(rng, fmt, rows, in_features):
@@ -315,7 +321,7 @@ def test_integer_dot_products_are_exact_at_every_level(rng, monkeypatch, cpu_lev
         assert qmatmul(x, qm).tobytes() == exact.tobytes()   # M = 1: row kernel; M > 1: panels
         with monkeypatch.context() as patch:
             patch.setattr(cpu, "PANEL_MAX_WEIGHTS", 0)
-            assert qmatmul(x, qm).tobytes() == exact.tobytes()   # row kernel, M > 1
+            assert qmatmul(x, qm).tobytes() == exact.tobytes()   # row kernel, M = 3; streamed panels, M = 17
 
 
 def test_levels_this_cpu_lacks_are_refused(rng):
@@ -327,6 +333,7 @@ def test_levels_this_cpu_lacks_are_refused(rng):
     for level in (-1, len(LEVELS)):
         calls = [lambda: _qmatmul.matmul(fid, data, scales, group_size, x, out, 1, level),
                  lambda: _qmatmul.float_matmul(fid, data, scales, group_size, x, out, 1, level),
+                 lambda: _qmatmul.streamed_panel_matmul(fid, data, scales, group_size, x, out, 1, level),
                  lambda: _qmatmul.panel_bytes(OUT_FEATURES, 64, level),
                  lambda: _qmatmul.repack(fid, data, scales, group_size, 64, np.zeros(panels.nbytes, np.uint8), 1, level),
                  lambda: _qmatmul.panel_matmul(fid, panels, x, out, 1, level),
@@ -399,7 +406,7 @@ def test_kernels_reject_shapes_that_do_not_fit():
            (4, np.zeros((3, 64), np.uint8), np.zeros((3, 2), np.float32), 0, x, out),
            (9, np.zeros((3, 64), np.uint8), none, 32, x, out)]
     for args in bad:
-        for kernel in (_qmatmul.matmul, _qmatmul.float_matmul):
+        for kernel in (_qmatmul.matmul, _qmatmul.streamed_panel_matmul, _qmatmul.float_matmul):
             with pytest.raises(ValueError, match="do not fit"):
                 kernel(*args, 1, level)
     with pytest.raises(ValueError, match="do not fit"):   # the integer kernels take groups of 32 and 64 * n

@@ -22,13 +22,12 @@ import numba
 import numpy as np
 
 from ...bindings import _embedding_bag
+from ...bindings._cpu import DTYPE_CODES, POOLING_CODES
 from .._backend import to_numpy
 from .._cpu import cpu_level
 from .._validate import check_bag_indices
 from ..quantize_rows import has_contiguous_rows
 
-DTYPE_CODES = {"fp32": 0, "fp16": 1, "bf16": 2, "int8": 3, "int4": 4}
-POOLING_CODES = {"sum": 0, "mean": 1, "max": 2}
 # The columns of a table's description, the C kernel's EB_DATA..EB_QPARAMS_STRIDE.
 DESCRIPTION_COLUMNS = ("data", "qparams", "dtype", "rows", "dim", "row_bytes", "column", "qparams_stride")
 

@@ -22,12 +22,13 @@ import triton.language as tl
 from .._backend import triton_interpreted
 from .._triton_launch import LaunchCache
 from .._triton_offsets import row_starts
+from ...bindings._cpu import DTYPE_CODES, POOLING_CODES
 
-DTYPE_CODES = {"fp32": 0, "fp16": 1, "bf16": 2, "int8": 3, "int4": 4}
-POOLING_CODES = {"sum": 0, "mean": 1, "max": 2}
-FP32, FP16, BF16, INT8, INT4 = (tl.constexpr(code) for code in range(5))
+FP32, FP16, BF16, INT8, INT4 = (tl.constexpr(DTYPE_CODES[name]) for name in ("fp32", "fp16", "bf16", "int8", "int4"))
 # Bits of DTYPE_FLAGS (1 << code): which dtypes a batch holds.
-FP32_BIT, FP16_BIT, BF16_BIT, INT8_BIT, INT4_BIT = (tl.constexpr(1 << code) for code in range(5))
+FP32_BIT, FP16_BIT, BF16_BIT, INT8_BIT, INT4_BIT = (tl.constexpr(1 << DTYPE_CODES[name])
+                                                    for name in ("fp32", "fp16", "bf16", "int8", "int4"))
+MEAN, MAX = tl.constexpr(POOLING_CODES["mean"]), tl.constexpr(POOLING_CODES["max"])
 QUANTIZED_BITS = tl.constexpr(INT8_BIT | INT4_BIT)
 # Columns of `meta`, one row per table (int64).
 DATA, SCALE, BIAS, DTYPE, ROWS, DIM, ROW_BYTES, COLUMN, QPARAM_STRIDE = (tl.constexpr(column) for column in range(9))
@@ -60,7 +61,7 @@ def _prune(configs, named_args, **kwargs):
 @triton.jit
 def _pool(acc, values, tile_mask, weight, POOLING: tl.constexpr):
     """acc (BLOCK_D,) pooled with a (BLOCK_L, BLOCK_D) tile of dequantized rows: max, or the weighted sum."""
-    if POOLING == 2:
+    if POOLING == MAX:
         return tl.maximum(acc, tl.max(tl.where(tile_mask, values, float("-inf")), axis=0))
     # Masked-off rows load as 0 and weigh 0; masked-off columns are never stored.
     return acc + tl.sum(values * weight[:, None], axis=0)
@@ -69,7 +70,7 @@ def _pool(acc, values, tile_mask, weight, POOLING: tl.constexpr):
 @triton.jit
 def _pool_codes(acc, codes, scale, bias, tile_mask, weight, POOLING: tl.constexpr):
     """acc pooled with a tile of int8/int4 codes, each row dequantized as codes * scale + bias."""
-    if POOLING == 2:
+    if POOLING == MAX:
         return _pool(acc, codes.to(tl.float32) * scale[:, None] + bias[:, None], tile_mask, weight, POOLING)
     # sum_l w_l (s_l c_ld + b_l) = sum_l (w_l s_l) c_ld + sum_l w_l b_l: the per-row factors fold
     # before the tile, and no dequantized float tile is formed: 72 registers instead of 96 at
@@ -115,7 +116,7 @@ def _lookup_kernel(base_ptr, meta_ptr, indices_ptr, offsets_ptr, weights_ptr, ou
     end = tl.minimum(end, n_indices)
     bad_indices = 0
     bad_weights = 0
-    if POOLING == 2:
+    if POOLING == MAX:
         acc = tl.full([BLOCK_D], float("-inf"), tl.float32)
     else:
         acc = tl.zeros([BLOCK_D], tl.float32)
@@ -153,7 +154,7 @@ def _lookup_kernel(base_ptr, meta_ptr, indices_ptr, offsets_ptr, weights_ptr, ou
                                  other=0.0)
                 acc = _pool(acc, values.to(tl.float32), tile_mask, weight, POOLING)
         if QUANTIZED_BITS & DTYPE_FLAGS:
-            if dtype >= INT8:
+            if (dtype == INT8) | (dtype == INT4):
                 qparams = row_starts(index, qparam_stride)
                 scale = tl.load((base_ptr + scale_offset + qparams).to(tl.pointer_type(tl.float32)),
                                 mask=valid, other=0.0)
@@ -168,7 +169,7 @@ def _lookup_kernel(base_ptr, meta_ptr, indices_ptr, offsets_ptr, weights_ptr, ou
                         packed = tl.load(row[:, None] + d[None, :] // 2, mask=tile_mask, other=0)
                         codes = (packed >> ((d[None, :] % 2) * 4).to(tl.uint8)) & 15
                         acc = _pool_codes(acc, codes, scale, bias, tile_mask, weight, POOLING)
-    if POOLING == 1:
+    if POOLING == MEAN:
         acc = acc / tl.maximum(count, 1).to(tl.float32)
     acc = tl.where(count > 0, acc, 0.0)  # an empty (or all-padding) bag gives zeros
     tl.store(out_ptr + row_starts(bag, total_dim) + column + d, acc, mask=d_mask)

@@ -5,12 +5,13 @@ matmul: q8_0, q5_0, q4_k, q6_k, int8 and int4 (groups of 32 or a multiple of 64)
 int8-activation path (`int8_activations`): x quantized to int8 per block of 32 as llama.cpp does,
 exact integer dot products, float32 scaling per block. M = 1 reads the packed rows (the row kernel);
 M >= PANEL_MIN_M reads panels of 8 or 16 rows (the level's lanes) repacked once per matrix and level
-and kept in qm.prepared; matrices above PANEL_MAX_WEIGHTS (the 262144-row output projection) keep the
-row kernel, which then decodes each tile of rows once per call. Error: |y - x @ W.T| <= (1.01 / 254 +
+and kept in qm.prepared; matrices above PANEL_MAX_WEIGHTS (the 262144-row output projection) keep only
+their packed rows: M >= STREAMED_PANEL_MIN_M repacks a few panels at a time on the fly (the streamed
+panel kernel), smaller M takes the row kernel, which decodes each tile of rows once per call. Error: |y - x @ W.T| <= (1.01 / 254 +
 2e-5) * (xmax @ |Wq|.T), see tests/test_qmatmul.py. f16 and other group sizes: float32 activations
 (error ~1e-6 relative). f32: NumPy.
 take/dequantize: equal to reference.py (and gguf) bit for bit.
-Measurements: bench/notes/cpu-qmatmul.md.
+Measurements and decisions: bench/notes/cpu-qmatmul.md.
 """
 import numba
 import numpy as np
@@ -22,6 +23,7 @@ from ...bindings._cpu import QMATMUL_FORMAT_IDS as FORMAT_IDS
 INT8_ACTIVATION_FORMATS = ("q8_0", "q5_0", "q4_k", "q6_k", "int8", "int4")
 PANEL_MIN_M = 2                 # M from which the repacked panels run
 PANEL_MAX_WEIGHTS = 1 << 24     # larger matrices keep only their packed bytes (panels: 1.375 bytes a weight)
+STREAMED_PANEL_MIN_M = 16       # from here on-the-fly panels beat the row kernel on such matrices
 SINGLE_THREAD_MACS = 1 << 22    # below: one thread (waking the second one costs more than it saves)
 
 _NO_SCALES = np.zeros((0, 0), dtype=np.float32)
@@ -85,6 +87,8 @@ def matmul(x, qm):
     level, n_threads = cpu_level(), threads(qm, M)
     if uses_panels(qm, M):
         _qmatmul.panel_matmul(FORMAT_IDS[qm.fmt], panels(qm, level), x, out, n_threads, level)
+    elif int8_activations(qm) and M >= STREAMED_PANEL_MIN_M:
+        _qmatmul.streamed_panel_matmul(*_matrix(qm), x, out, n_threads, level)
     elif int8_activations(qm):
         _qmatmul.matmul(*_matrix(qm), x, out, n_threads, level)
     else:

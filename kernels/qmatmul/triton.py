@@ -19,9 +19,11 @@ import triton.language as tl
 from .._backend import triton_interpreted
 from .._triton_launch import LaunchCache
 from .._triton_offsets import matrix_offsets, row_starts
+from ...bindings._cpu import QMATMUL_FORMAT_IDS
 
 FORMATS = ("int8", "int4", "q8_0", "q4_k")
-_FORMAT_IDS = {"int8": 0, "int4": 1, "q8_0": 2, "q4_k": 3}
+# _weight_tile's branches, by the format ids the CPU kernels take
+INT8, INT4, Q8_0 = (tl.constexpr(QMATMUL_FORMAT_IDS[fmt]) for fmt in ("int8", "int4", "q8_0"))
 GEMV_MAX_M = 4
 GEMV_PROGRAMS_PER_SM = 8
 
@@ -50,17 +52,17 @@ def _weight_tile(data_ptr, scales_ptr, row_bytes, n_groups, offs_n, offs_k, mask
     k = offs_k[None, :]
     row_ptr = data_ptr + row_starts(offs_n, row_bytes)[:, None]
     scales_row_ptr = scales_ptr + row_starts(offs_n, n_groups)[:, None]
-    if FMT == 0:    # int8: codes (out, in), scale per group
+    if FMT == INT8:    # codes (out, in), scale per group
         codes = tl.load(row_ptr + k, mask=mask, other=0).to(tl.int8, bitcast=True).to(tl.float32)
         scale = tl.load(scales_row_ptr + k // GROUP, mask=mask, other=0.0)
         w = codes * scale
-    elif FMT == 1:  # int4: byte j of a group holds element j (low nibble) and j + GROUP/2 (high)
+    elif FMT == INT4:  # byte j of a group holds element j (low nibble) and j + GROUP/2 (high)
         in_group = k % GROUP
         byte = tl.load(row_ptr + (k // GROUP) * (GROUP // 2) + in_group % (GROUP // 2), mask=mask, other=0)
         nibble = (byte >> ((in_group // (GROUP // 2)) * 4).to(tl.uint8)) & 15
         scale = tl.load(scales_row_ptr + k // GROUP, mask=mask, other=0.0)
         w = (nibble.to(tl.float32) - 8.0) * scale
-    elif FMT == 2:  # q8_0: 34-byte blocks, fp16 d then 32 int8 codes
+    elif FMT == Q8_0:  # 34-byte blocks, fp16 d then 32 int8 codes
         block_ptr = row_ptr + (k // 32) * 34
         codes = tl.load(block_ptr + 2 + k % 32, mask=mask, other=0).to(tl.int8, bitcast=True).to(tl.float32)
         w = codes * _fp16_at(block_ptr, mask)
@@ -267,7 +269,7 @@ def matmul(x, qm):
         return torch.zeros((M, N), dtype=torch.float32, device=x.device)
     data, scales = _device_storage(qm, x.device)
     n_groups = 0 if qm.scales is None else qm.scales.shape[1]
-    fmt = _FORMAT_IDS[qm.fmt]
+    fmt = QMATMUL_FORMAT_IDS[qm.fmt]
     if M <= GEMV_MAX_M:
         return _gemv(x, qm, data, scales, n_groups, fmt)
     block_m = 16 if (M <= 16 or triton_interpreted()) else 64

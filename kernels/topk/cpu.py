@@ -22,10 +22,9 @@ import numpy as np
 from .._backend import warn_once
 from .._cpu import cpu_level
 from ...bindings import _topk_scan
+from ...bindings._cpu import DTYPE_CODES, METRIC_CODES
 from .. import _numba  # noqa: F401  (thread-safe threading layer before numba's threads start)
 
-DTYPE_CODES = {"fp32": 0, "fp16": 1, "bf16": 2, "int8": 3, "int4": 4}   # TKS_FP32 ... in _topk_scan_simd.h
-METRIC_CODES = {"ip": 0, "cosine": 1, "l2": 2}
 # Scans of fewer corpus bytes + multiply-adds run on the calling thread: waking and joining a
 # sleeping OpenMP thread costs 60-120 us here (bench/notes/cpu-topk.md).
 SERIAL_SCAN_BELOW = 8 << 20

@@ -19,8 +19,8 @@ import triton.language as tl
 from .._backend import triton_interpreted, warn_once
 from .._triton_launch import LaunchCache
 from .._triton_offsets import matrix_offsets
+from ...bindings._cpu import METRIC_CODES, TOPK_FLOOR_KEY
 
-METRIC_CODES = {"ip": 0, "cosine": 1, "l2": 2}
 # A program keeps its queries' best K_PAD keys in registers. Compiled for an H100
 # (tests/sm90_checks.py), 16 queries a program spill from k = 10 (about 600 bytes of local memory a
 # thread up to k = 128) and k = 256 spills 6.5-8.4 KB a thread (not timed on a GPU); k = 512 needs
@@ -30,10 +30,11 @@ MAX_K = 256
 # The torch path (int4 rows, k > MAX_K) scores rows in chunks of at most this many scores and
 # this many dequantized elements (a chunk's temporaries: a few hundred MB at most).
 TORCH_CHUNK_ELEMENTS = 1 << 22
-IP, COSINE, L2 = (tl.constexpr(code) for code in range(3))   # a jit function reads only constexpr globals
+# a jit function reads only constexpr globals
+IP, COSINE, L2 = (tl.constexpr(METRIC_CODES[metric]) for metric in ("ip", "cosine", "l2"))
 # The key of score -inf with id 0: every finite score's key is above it. Excluded and
 # out-of-range entries get this key and come out as padding.
-FLOOR_KEY = ((-2139095041) << 32) | 0xFFFFFFFF
+FLOOR_KEY = TOPK_FLOOR_KEY
 FLOOR_KEY_CONSTEXPR = tl.constexpr(FLOOR_KEY)
 MAX_ROWS = (1 << 32) - 1   # a key holds a row id in its low 32 bits
 
