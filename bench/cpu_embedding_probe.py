@@ -35,6 +35,7 @@ import torch  # noqa: E402
 from bench.compare_embedding import random_table, torch_bag  # noqa: E402
 from recscore.bindings import _embedding_bag  # noqa: E402
 from recscore.kernels import TableBatch, quantize_rows  # noqa: E402
+from recscore.kernels._cpu import cpu_level  # noqa: E402
 from recscore.kernels.embedding_bag import cpu as cpu_lookup  # noqa: E402
 
 ROWS, DIM, B, L = 2_000_000, 64, 2048, 32
@@ -68,7 +69,7 @@ def int8_calls(batch, index_sets, offsets, bags, columns):
     def call(tables):
         def run(i):
             return _embedding_bag.lookup(tables, index_sets[i], offsets, None, bags, cpu_lookup.POOLING_CODES["sum"],
-                                         True, out, THREADS, not cpu_lookup.HAS_AVX512)
+                                         True, out, THREADS, cpu_level())
         run.batch = batch   # holds the buffers whose addresses `tables` lists
         return run
     return call(description), call(row0_qparams)
@@ -143,7 +144,7 @@ def thread_scaling(rng):
         for threads in (1, 2, 1, 2):
             def call(i):
                 return _embedding_bag.lookup(description, index_sets[i], offsets, None, B, cpu_lookup.POOLING_CODES["sum"],
-                                             True, out, threads, not cpu_lookup.HAS_AVX512)
+                                             True, out, threads, cpu_level())
             times.setdefault(threads, []).append(back_to_back(call, 64))
         print(f"R={rows}: " + ", ".join(f"{n} thread(s) {min(t):.3f}" for n, t in times.items()))
 

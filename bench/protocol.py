@@ -29,6 +29,18 @@ from bench.report import write as write_results_md
 # before running to measure with spinning. Must be set before any runtime starts.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+# With recscore capped below the machine's level (RECSCORE_CPU), the peers are capped to the same
+# instructions, so that the run stands in for a machine of that level: FBGEMM (torch's int8 Linear and
+# EmbeddingBag), ATen, oneDNN, MKL and FAISS's runtime dispatch each read one variable at load.
+PEER_CAPS = {
+    "avx2": {"FBGEMM_ENABLE_INSTRUCTIONS": "AVX2", "ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2",
+             "MKL_ENABLE_INSTRUCTIONS": "AVX2", "FAISS_SIMD_LEVEL": "AVX2"},
+    "avx512": {"FBGEMM_ENABLE_INSTRUCTIONS": "AVX512", "ONEDNN_MAX_CPU_ISA": "AVX512_CORE",
+               "MKL_ENABLE_INSTRUCTIONS": "AVX512"},
+}
+for _name, _value in PEER_CAPS.get(os.environ.get("RECSCORE_CPU", "").lower(), {}).items():
+    os.environ.setdefault(_name, _value)
+
 BENCH_DIR = Path(__file__).resolve().parent
 THREADS = 2
 
@@ -194,6 +206,15 @@ def machine_info():
             info[mod] = __import__(mod).__version__
         except ImportError:
             pass
+    info["peer_caps"] = {name: os.environ[name] for name in sorted({n for caps in PEER_CAPS.values() for n in caps})
+                         if name in os.environ}
+    try:
+        import torch
+        info["torch_cpu_capability"] = torch.backends.cpu.get_cpu_capability()
+        import faiss
+        info["faiss_simd_level"] = faiss.SIMDConfig.get_level_name()
+    except (ImportError, AttributeError):
+        pass
     try:
         import torch
         if torch.cuda.is_available():
