@@ -87,9 +87,9 @@ static const int eb_element_bits[EB_DTYPES] = { [EB_FP32] = 32, [EB_FP16] = 16, 
 #define EB_MAX_PREFETCH_ROWS 128
 /* Tables up to this size stay in L2 once warm: prefetches there only cost issue slots. */
 #define EB_PREFETCH_MIN_TABLE_BYTES (1 << 20)
-/* Tables above this (half the 32 MB L3 here) are read mostly from DRAM, where blocks of at least
- * EB_RETRY_MIN_BLOCK_BYTES get a second L2 prefetch half as far ahead (some T1 prefetches are
- * dropped on this EPYC; the retry catches most). */
+/* Tables above this (half a 32 MB L3) are read mostly from DRAM, where blocks of at least
+ * EB_RETRY_MIN_BLOCK_BYTES get a second L2 prefetch half as far ahead (Zen 4 drops some T1
+ * prefetches; the retry catches most: bench/notes/results-2026-11.md). */
 #define EB_RETRY_MIN_TABLE_BYTES (16 << 20)
 #define EB_RETRY_MIN_BLOCK_BYTES 128
 

@@ -213,6 +213,74 @@ static void tks_merge_query(const tks_call *call, const tks_thread *threads, int
  * Out: scores (B, k) float32 and ids (B, k) int64, best first. n_rows < 2**32 (ids are 32 bits in
  * the keys). Returns RS_OK, RS_ERR_LEVEL (a level this CPU lacks: nothing runs), RS_ERR_MEMORY or
  * TKS_ERR_NON_FINITE (a score came out NaN or inf; outputs unset). */
+/* th's buffers for a call, and its thresholds at the floor; 0 when out of memory. */
+static int tks_thread_buffers(tks_thread *th, int kind, int64_t B, int team, int64_t cap, int64_t width,
+                              int64_t tile_rows, int64_t dim, int64_t lanes)
+{
+    th->keys = malloc(sizeof(int64_t) * (size_t)(B * cap + team * cap));   /* and the merge's pool */
+    th->counts = calloc((size_t)B, sizeof(int64_t));
+    th->thr = malloc(sizeof(int64_t) * (size_t)B);
+    th->thr_score = malloc(sizeof(float) * (size_t)width);
+    th->widened = kind == TKS_FP32 ? NULL : malloc(sizeof(float) * (size_t)(tile_rows * dim + lanes));
+    th->norms = malloc(sizeof(float) * (size_t)(tile_rows + lanes));
+    if (th->keys == NULL || th->counts == NULL || th->thr == NULL || th->thr_score == NULL || th->norms == NULL
+        || (kind != TKS_FP32 && th->widened == NULL))
+        return 0;
+    for (int64_t q = 0; q < B; q++) {
+        th->thr[q] = TKS_FLOOR_KEY;
+        th->thr_score[q] = -INFINITY;
+    }
+    for (int64_t q = B; q < width; q++)
+        th->thr_score[q] = INFINITY;   /* padding lanes never pass */
+    return 1;
+}
+
+/* Inside the parallel region, every thread: the exclusions sorted by tile (a counting sort, each
+ * thread taking a share of the queries), tile t's bitmap entries at entries[tile_start[t] ..
+ * tile_start[t + 1]); tile_at: (team + 1) * (n_tiles + 1) scratch. */
+static void tks_sort_exclusions(const int64_t *excl_ptr, const int64_t *excl_ids, int64_t B, int64_t n_rows,
+                                int64_t tile_rows, int64_t n_tiles, int64_t n_panels, int64_t lanes, int64_t *tile_at,
+                                int64_t *tile_start, uint64_t *entries)
+{
+    const int slot = omp_get_thread_num(), team = omp_get_num_threads();
+    const int64_t q0 = B * slot / team, q1 = B * (slot + 1) / team;
+    int64_t *at = tile_at + slot * (n_tiles + 1);
+    memset(at, 0, sizeof(int64_t) * (size_t)(n_tiles + 1));
+    tks_bucket_queries(excl_ptr, excl_ids, q0, q1, n_rows, tile_rows, n_tiles, n_panels, lanes, 0, at, NULL);
+    #pragma omp barrier
+    #pragma omp single
+    {   /* tile by tile, thread by thread: where each thread's entries of a tile go */
+        int64_t start = 0;
+        for (int64_t t = 0; t <= n_tiles; t++) {
+            tile_start[t] = start;
+            for (int th_index = 0; th_index < team; th_index++) {
+                const int64_t count = tile_at[th_index * (n_tiles + 1) + t];
+                tile_at[th_index * (n_tiles + 1) + t] = start;
+                start += count;
+            }
+        }
+    }
+    tks_bucket_queries(excl_ptr, excl_ids, q0, q1, n_rows, tile_rows, n_tiles, n_panels, lanes, 1, at, entries);
+    #pragma omp barrier
+}
+
+/* Scores one tile into th, its exclusions (entries != NULL) spread into the bitmap excl first; returns 1
+ * when a score came out NaN or inf. */
+static int tks_scan_tile(const tks_level *lv, const tks_call *call, tks_thread *th, int64_t tile, int64_t tile_rows,
+                         const uint16_t *no_excl, uint16_t *excl, const uint64_t *entries, const int64_t *tile_start)
+{
+    const int64_t row0 = tile * tile_rows;
+    const int64_t n = call->n_rows - row0 < tile_rows ? call->n_rows - row0 : tile_rows;
+    const uint16_t *tile_excl = no_excl;
+    if (entries != NULL && tile_start[tile + 1] > tile_start[tile]) {
+        memset(excl, 0, sizeof(uint16_t) * (size_t)(n * call->n_panels));
+        for (int64_t e = tile_start[tile]; e < tile_start[tile + 1]; e++)
+            excl[entries[e] >> 4] |= (uint16_t)(1u << (entries[e] & 15));
+        tile_excl = excl;
+    }
+    return lv->tile(call, th, row0, n, tile_excl);
+}
+
 static int tks_topk(int level, int kind, const void *rows, const float *scale, const float *bias, int64_t n_rows,
                     int64_t dim, const float *queries, int64_t B, int metric, int64_t k, const int64_t *excl_ptr,
                     const int64_t *excl_ids, int int8_bound, int num_threads, float *scores_out, int64_t *ids_out)
@@ -257,74 +325,28 @@ static int tks_topk(int level, int kind, const void *rows, const float *scale, c
     {
         const int slot = omp_get_thread_num(), team = omp_get_num_threads();
         tks_thread *th = threads == NULL ? NULL : threads + slot;
-        int ready = !failed;
-        if (ready) {
-            th->keys = malloc(sizeof(int64_t) * (size_t)(B * cap + team * cap));   /* and the merge's pool */
-            th->counts = calloc((size_t)B, sizeof(int64_t));
-            th->thr = malloc(sizeof(int64_t) * (size_t)B);
-            th->thr_score = malloc(sizeof(float) * (size_t)width);
-            th->widened = kind == TKS_FP32 ? NULL : malloc(sizeof(float) * (size_t)(tile_rows * dim + lanes));
-            th->norms = malloc(sizeof(float) * (size_t)(tile_rows + lanes));
-            ready = th->keys != NULL && th->counts != NULL && th->thr != NULL && th->thr_score != NULL
-                    && th->norms != NULL && (kind == TKS_FP32 || th->widened != NULL);
-        }
+        int ready = !failed && tks_thread_buffers(th, kind, B, team, cap, width, tile_rows, dim, lanes);
         uint16_t *excl = excl_ptr == NULL || !ready ? NULL : malloc(sizeof(uint16_t) * (size_t)(tile_rows * n_panels));
         if (!ready || (excl_ptr != NULL && excl == NULL)) {
             ready = 0;
             #pragma omp atomic write
             failed = 1;
         }
-        if (excl_ptr != NULL && tile_at != NULL && excl_entries != NULL) {   /* the same for every thread */
-            const int64_t q0 = B * slot / team, q1 = B * (slot + 1) / team;
-            int64_t *at = tile_at + slot * (n_tiles + 1);
-            memset(at, 0, sizeof(int64_t) * (size_t)(n_tiles + 1));
-            tks_bucket_queries(excl_ptr, excl_ids, q0, q1, n_rows, tile_rows, n_tiles, n_panels, lanes, 0, at, NULL);
-            #pragma omp barrier
-            #pragma omp single
-            {   /* tile by tile, thread by thread: where each thread's entries of a tile go */
-                int64_t start = 0;
-                for (int64_t t = 0; t <= n_tiles; t++) {
-                    tile_start[t] = start;
-                    for (int th_index = 0; th_index < team; th_index++) {
-                        const int64_t count = tile_at[th_index * (n_tiles + 1) + t];
-                        tile_at[th_index * (n_tiles + 1) + t] = start;
-                        start += count;
-                    }
-                }
-            }
-            tks_bucket_queries(excl_ptr, excl_ids, q0, q1, n_rows, tile_rows, n_tiles, n_panels, lanes, 1, at,
-                               excl_entries);
-            #pragma omp barrier
-        }
-        if (ready) {
-            for (int64_t q = 0; q < B; q++) {
-                th->thr[q] = TKS_FLOOR_KEY;
-                th->thr_score[q] = -INFINITY;
-            }
-            for (int64_t q = B; q < width; q++)
-                th->thr_score[q] = INFINITY;   /* padding lanes never pass */
-        }
+        if (excl_ptr != NULL && tile_at != NULL && excl_entries != NULL)   /* the same for every thread */
+            tks_sort_exclusions(excl_ptr, excl_ids, B, n_rows, tile_rows, n_tiles, n_panels, lanes, tile_at, tile_start,
+                                excl_entries);
         /* every thread meets the worksharing loops; one without its buffers skips its chunks */
         #pragma omp for schedule(dynamic, 1)
         for (int64_t chunk = 0; chunk < n_chunks; chunk++) {
             if (!ready)
                 continue;
             const int64_t tile_end = (chunk + 1) * tiles_per_chunk < n_tiles ? (chunk + 1) * tiles_per_chunk : n_tiles;
-            for (int64_t tile = chunk * tiles_per_chunk; tile < tile_end; tile++) {
-                const int64_t row0 = tile * tile_rows;
-                const int64_t n = n_rows - row0 < tile_rows ? n_rows - row0 : tile_rows;
-                const uint16_t *tile_excl = no_excl;
-                if (excl_ptr != NULL && tile_start[tile + 1] > tile_start[tile]) {
-                    memset(excl, 0, sizeof(uint16_t) * (size_t)(n * n_panels));
-                    for (int64_t e = tile_start[tile]; e < tile_start[tile + 1]; e++)
-                        excl[excl_entries[e] >> 4] |= (uint16_t)(1u << (excl_entries[e] & 15));
-                    tile_excl = excl;
-                }
-                if (lv->tile(&call, th, row0, n, tile_excl)) {
+            for (int64_t tile = chunk * tiles_per_chunk; tile < tile_end; tile++)
+                if (tks_scan_tile(lv, &call, th, tile, tile_rows, no_excl, excl,
+                                  excl_ptr == NULL ? NULL : excl_entries, tile_start)) {
                     #pragma omp atomic write
                     non_finite = 1;
                 }
-            }
         }
         if (!failed && !non_finite) {   /* the same for every thread: read after the loop's barrier */
             #pragma omp for schedule(dynamic, 4) nowait
