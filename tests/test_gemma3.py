@@ -18,6 +18,7 @@ from gguf.quants import quantize
 
 from recscore.kernels import use_backend
 from recscore.models import gemma3
+from recscore.models import llm as llm_module
 from recscore.models.gguf_file import default_model_path
 from recscore.models.llm import LLM, PrefixCache
 
@@ -176,8 +177,14 @@ def test_tiny_forward_matches_naive(tiny, reference, monkeypatch, chunk):
     assert cache.length == len(TINY_TOKENS) and cache.tokens == TINY_TOKENS
 
 
-def test_tiny_score_equals_full_forward_log_probs(tiny_path, tiny, reference):
+@pytest.mark.parametrize("rows_per_pass, vocab_slice", [(None, None), (3, 7)])
+def test_tiny_score_equals_full_forward_log_probs(tiny_path, tiny, reference, monkeypatch, rows_per_pass,
+                                                  vocab_slice):
+    """(3, 7): rows in groups of 3 against vocabulary slices of 7, the log-sum-exp carried across slices."""
     llm = LLM(tiny, LLM.from_gguf(tiny_path).tokenizer, context=64)
+    if rows_per_pass:
+        monkeypatch.setattr(llm_module, "SCORE_ROWS", rows_per_pass)
+        monkeypatch.setattr(llm, "_output_slices", gemma3.output_slices(tiny, vocab_slice))
     for prefix_length in (3, 12):   # inside the window, and past it (the ring has wrapped)
         prefix = TINY_TOKENS[:prefix_length]
         candidates = [TINY_TOKENS[prefix_length:prefix_length + n] for n in (1, 4, 11)] + [[40, 41, 42]]

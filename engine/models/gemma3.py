@@ -456,10 +456,19 @@ def forward_branches(model, cache, tokens, lengths):
         q, k, v, cache.keys[il], cache.values[il], plans[windows[il]]))
 
 
-def logits(model, hidden):
-    """Next-token logits (R, vocab) of final hidden states (R, dim): the output projection, softcapped if
-    the model says so."""
-    out = qmatmul(np.ascontiguousarray(hidden, dtype=np.float32), model.output)
+def output_slices(model, rows_per_slice):
+    """The output projection as QuantizedMatrix views of rows_per_slice vocabulary rows each (no copy)."""
+    out, vocab = model.output, model.output.shape[0]
+    return [QuantizedMatrix(out.fmt, (min(rows_per_slice, vocab - first), out.shape[1]),
+                            out.data[first:first + rows_per_slice],
+                            None if out.scales is None else out.scales[first:first + rows_per_slice], out.group_size)
+            for first in range(0, vocab, rows_per_slice)]
+
+
+def logits(model, hidden, output=None):
+    """Next-token logits (R, vocab) of final hidden states (R, dim): the output projection (or one of its
+    output_slices, for that slice's columns), softcapped if the model says so."""
+    out = qmatmul(np.ascontiguousarray(hidden, dtype=np.float32), model.output if output is None else output)
     cap = model.config.final_logit_softcap
     if cap:
         out = np.tanh(out / np.float32(cap)) * np.float32(cap)

@@ -18,7 +18,11 @@ from .tokenizers import GGUFTokenizer
 
 DEFAULT_CONTEXT = 4096              # KV cache positions (global layers; local layers keep their window)
 DEFAULT_PREFIX_CACHE_BYTES = 64 << 20
-SCORE_ROWS = 32                     # output-projection rows per pass when scoring (32 x vocab float32: 32 MB)
+# Scoring runs up to SCORE_ROWS rows against one slice of the vocabulary at a time (one read of the
+# output projection per SCORE_ROWS rows; logits of 256 x 32768 float32: 32 MB); a slice is above
+# qmatmul's stored-panel size, so it is streamed, not repacked into 230 MB of panels.
+SCORE_ROWS = 256
+VOCAB_SLICE = 32768
 
 
 @dataclass(frozen=True)
@@ -128,6 +132,7 @@ class LLM:
         self.model, self.tokenizer = model, tokenizer
         self.cache = gemma3.KVCache(model.config, min(int(context), model.config.context_length))
         self.prefix_cache = PrefixCache(prefix_cache_bytes)
+        self._output_slices = gemma3.output_slices(model, VOCAB_SLICE)
         self.stats = None          # GenerationStats of the last generation
         self._tokens_run = 0       # prompt tokens the last _run_prompt computed
         self._lock = threading.RLock()
@@ -247,14 +252,25 @@ class LLM:
         return chosen - _logsumexp(row)[0]
 
     def _target_logprobs(self, rows, row_of, targets):
-        """log softmax(logits(rows[row_of[i]]))[targets[i]] for every i, SCORE_ROWS rows a pass."""
+        """log softmax(logits(rows[row_of[i]]))[targets[i]] for every i: SCORE_ROWS rows at a time against
+        one vocabulary slice at a time, the log-sum-exp kept running (max and sum of exp per row)."""
         out = np.empty(len(targets), dtype=np.float64)
-        for first in range(0, len(rows), SCORE_ROWS):
-            block = gemma3.logits(self.model, rows[first:first + SCORE_ROWS])
-            mine = np.flatnonzero((row_of >= first) & (row_of < first + len(block)))
-            local = row_of[mine] - first
-            chosen = block[local, targets[mine]].astype(np.float64)   # before _logsumexp overwrites block
-            out[mine] = chosen - _logsumexp(block)[local]
+        for start in range(0, len(rows), SCORE_ROWS):
+            group = rows[start:start + SCORE_ROWS]
+            mine = np.flatnonzero((row_of >= start) & (row_of < start + len(group)))
+            local, wanted = row_of[mine] - start, targets[mine]
+            chosen = np.empty(len(mine), dtype=np.float64)
+            top, total, first = np.full(len(group), -np.inf), np.zeros(len(group)), 0
+            for output in self._output_slices:
+                block = gemma3.logits(self.model, group, output)
+                inside = np.flatnonzero((wanted >= first) & (wanted < first + block.shape[1]))
+                chosen[inside] = block[local[inside], wanted[inside] - first]
+                block_top = np.maximum(top, block.max(axis=1))
+                block -= block_top[:, None].astype(np.float32)
+                np.exp(block, out=block)
+                total = total * np.exp(top - block_top) + block.sum(axis=1, dtype=np.float64)
+                top, first = block_top, first + block.shape[1]
+            out[mine] = chosen - (top + np.log(total))[local]
         return out
 
     # ---- the prompt and the caches ----------------------------------------------------------------
