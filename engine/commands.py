@@ -1,7 +1,9 @@
-"""The engine's commands: `recscore build`, `recscore recommend`, `recscore eval` (see cli.py)."""
+"""The engine's commands: `recscore build`, `recscore recommend`, `recscore explain`, `recscore eval`
+(see cli.py)."""
 import sys
 
-ENGINE_COMMANDS = ("build", "recommend", "eval")
+ENGINE_COMMANDS = ("build", "recommend", "explain", "eval")
+LLM_HELP = "use the packaged Gemma 3 270M (loaded on first use, about a second)"
 
 
 def add_parsers(commands):
@@ -19,20 +21,33 @@ def add_parsers(commands):
     recommend.add_argument("-k", type=int, default=10)
     recommend.add_argument("--allow-genre", action="append", default=[], help="only items of these genres")
     recommend.add_argument("--deny-genre", action="append", default=[], help="no items of these genres")
+    recommend.add_argument("--llm", action="store_const", const="gemma3", help=f"re-rank with the LLM: {LLM_HELP}")
+    explain = commands.add_parser("explain", help="why an item suits a user, written by the LLM as it generates")
+    explain.add_argument("bundle")
+    explain.add_argument("user", type=int, help="the data's user id (MovieLens userId)")
+    explain.add_argument("item", type=int, help="the data's item id (MovieLens movieId)")
+    explain.add_argument("--llm", action="store_const", const="gemma3", help=f"needed: {LLM_HELP}")
     evaluate = commands.add_parser("eval", help="temporal-split evaluation of a bundle against baselines")
     evaluate.add_argument("bundle")
     evaluate.add_argument("--bootstrap", type=int, default=1000, help="bootstrap samples for the 95%% intervals")
 
 
 def run(args):
+    from .engine import FeatureUnavailable, UnknownItem
+
     try:
         if args.command == "build":
             return _build(args)
         if args.command == "recommend":
             return _recommend(args)
+        if args.command == "explain":
+            return _explain(args)
         return _evaluate(args)
-    except (FileNotFoundError, ValueError) as error:
+    except (FileNotFoundError, ValueError, UnknownItem) as error:
         print(f"recscore {args.command}: {error}", file=sys.stderr)
+        return 2
+    except FeatureUnavailable as error:
+        print(f"recscore {args.command}: {error}; add --llm", file=sys.stderr)
         return 2
 
 
@@ -65,11 +80,24 @@ def _recommend(args):
     from .engine import Engine
 
     filters = {"allow_genres": args.allow_genre, "deny_genres": args.deny_genre}
-    with Engine.open(args.bundle) as engine:
-        result = engine.recommend(args.user, args.k, filters=filters if args.allow_genre or args.deny_genre else None)
+    with Engine.open(args.bundle, llm=args.llm) as engine:
+        result = engine.recommend(args.user, args.k, filters=filters if args.allow_genre or args.deny_genre else None,
+                                  rerank="llm" if args.llm else None)
         print(f"user {args.user}: {result.source}, {result.timings_ms['total']:.3f} ms")
         for rank, (item, score) in enumerate(zip(result.items, result.scores), 1):
             print(f"{rank:3d}. {score:9.4f}  {item:>8}  {engine.title(item)}")
+    return 0
+
+
+def _explain(args):
+    from .engine import Engine
+
+    with Engine.open(args.bundle, llm=args.llm) as engine:
+        print(f"user {args.user}, item {args.item}: {engine.title(args.item)}", flush=True)
+        for piece in engine.explain_stream(args.user, args.item):
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        print()
     return 0
 
 

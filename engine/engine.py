@@ -3,6 +3,7 @@
     engine = Engine.open("ml.bundle")
     engine.recommend(414, k=10)                       # MovieLens userId -> movieIds, scores, timings
     engine.feedback(414, 2571, value=1.0)             # durable on return; the next recommend reflects it
+    Engine.open("ml.bundle", llm="gemma3")            # + recommend(..., rerank="llm"), explain, explain_stream
 
 A request: the user's history (bundle events + stored feedback) -> pooled row (one `embedding_bag`,
 recency-weighted, cached per user and updated in place of a recompute on feedback) -> `topk` with
@@ -29,6 +30,7 @@ USER_CACHE_SIZE = 100_000           # users whose history and pooled row stay in
 RERANK_CANDIDATES = 30              # candidates the LLM re-ranks (at least k)
 RERANK_WEIGHT = 0.5                 # share of the LLM's standardised score in the blend
 EXPLAIN_TOKENS = 60
+LLM_RUNTIMES = ("gemma3",)          # llm= names the engine loads itself, on first use
 FILTER_KEYS = ("allow_genres", "deny_genres")
 
 
@@ -66,12 +68,21 @@ class _Catalogue:
 
 
 class Engine:
-    def __init__(self, bundle, state, *, llm=None, encoder=None, cache_size=USER_CACHE_SIZE):
+    def __init__(self, bundle, state, *, llm=None, encoder=None, cache_size=USER_CACHE_SIZE,
+                 rerank_candidates=RERANK_CANDIDATES):
+        """llm: None (no reranking or explanations), "gemma3" (the packaged Gemma 3 270M, loaded on first
+        use), or an object like models.llm.LLM: score(prefix, candidates) -> [.mean log-probability] and
+        stream(prompt, max_new_tokens) -> pieces of text."""
+        if isinstance(llm, str) and llm not in LLM_RUNTIMES:
+            raise ValueError(f"llm must be None, one of {LLM_RUNTIMES} or an LLM object, got {llm!r}")
         self.bundle = bundle
         self.config = bundle.config
         self.state = state
-        self.llm = llm
+        self.llm_name = llm if isinstance(llm, str) else None
+        self.llm = None if isinstance(llm, str) else llm
         self.encoder = encoder
+        self.rerank_candidates = _count("rerank_candidates", rerank_candidates)
+        self._llm_lock = threading.Lock()   # apart from _lock: a 0.8 s load must not stall recommend
         self.metrics = Metrics()
         self._lock = threading.RLock()
         self._cache_size = cache_size
@@ -171,7 +182,8 @@ class Engine:
     def recommend(self, user, k=10, *, exclude_seen=True, filters=None, text=None, rerank=None):
         """Top k items for `user` (the data's user id): a Recommendation."""
         self._check_request_options(text, rerank)
-        return self._recommend([user], k, exclude_seen, filters, rerank)[0]
+        reranker = self._llm("rerank='llm'", "score(prefix, candidates)") if rerank else None
+        return self._recommend([user], k, exclude_seen, filters, reranker)[0]
 
     def recommend_many(self, users, k=10, *, exclude_seen=True, filters=None):
         """recommend for many users in one batched lookup and top-k: a list of Recommendation."""
@@ -186,11 +198,21 @@ class Engine:
                                      "vectors in the bundle; neither is installed in this engine yet")
         if rerank not in (None, "llm"):
             raise ValueError(f"rerank must be None or 'llm', got {rerank!r}")
-        if rerank == "llm" and self.llm is None:
-            raise FeatureUnavailable("rerank='llm' needs the LLM runtime, and the LLM runtime is not installed "
-                                     "(pass llm= an object with score(prefix, candidates))")
 
-    def _recommend(self, users, k, exclude_seen, filters, rerank):
+    def _llm(self, feature, needs):
+        """The LLM runtime, loaded here on first use when the engine was given llm="gemma3" (once, by one
+        thread: the others wait for it)."""
+        if self.llm is None and self.llm_name is not None:
+            with self._llm_lock:
+                if self.llm is None:
+                    from .models.llm import LLM
+                    self.llm = LLM.from_gguf()
+        if self.llm is None:
+            raise FeatureUnavailable(f"{feature} needs the LLM runtime, and the LLM runtime is not installed "
+                                     f"(pass llm=\"gemma3\" or an object with {needs})")
+        return self.llm
+
+    def _recommend(self, users, k, exclude_seen, filters, reranker):
         start = time.perf_counter()
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
             raise ValueError(f"k must be an integer >= 1, got {k!r}")
@@ -201,7 +223,7 @@ class Engine:
         history = time.perf_counter()
         known = [b for b, e in enumerate(entries) if len(e.rows)]
         fresh = [b for b, e in enumerate(entries) if not len(e.rows)]
-        wanted = max(k, RERANK_CANDIDATES) if rerank else k
+        wanted = max(k, self.rerank_candidates) if reranker else k
         scores = np.full((len(users), wanted), -np.inf, np.float32)
         rows = np.full((len(users), wanted), -1, np.int64)
         scored = time.perf_counter()
@@ -217,8 +239,8 @@ class Engine:
         selected = time.perf_counter()
         timings = {"history": (history - start) * 1e3, "score": (scored - history) * 1e3,
                    "select": (selected - scored) * 1e3}
-        if rerank:
-            scores, rows = self._rerank(entries[0], scores[0], rows[0], k, catalogue)
+        if reranker:
+            scores, rows = self._rerank(reranker, entries[0], scores[0], rows[0], k, catalogue)
             timings["rerank"] = (time.perf_counter() - selected) * 1e3
         timings["total"] = (time.perf_counter() - start) * 1e3
         for stage, ms in timings.items():
@@ -389,26 +411,36 @@ class Engine:
 
     # ---- the LLM hooks -------------------------------------------------------------------------
 
-    def _rerank(self, entry, scores, rows, k, catalogue):
+    def _rerank(self, llm, entry, scores, rows, k, catalogue):
+        """The candidates re-ordered by a blend of their scores and the LLM's: all candidates in one
+        batched score call after the user's history prompt (the same prefix for the user's next
+        request, so the LLM's prefix cache runs none of it again)."""
         valid = rows >= 0
         rows, scores = rows[valid], scores[valid]
+        if not len(rows):
+            return scores[None], rows[None]
         titles = [catalogue.titles[r] for r in rows]
-        llm_scores = np.asarray(self.llm.score(llm_prompt_prefix(self._history_titles(entry, catalogue)),
-                                               [" " + t for t in titles]), np.float64)
+        scored = llm.score(llm_prompt_prefix(self._history_titles(entry, catalogue)), [" " + t for t in titles])
+        # per-token mean: a total log-probability would favour short titles
+        llm_scores = np.array([s.mean for s in scored], np.float64)
         blended = blend_scores(scores, llm_scores, RERANK_WEIGHT)
         order = np.argsort(-blended, kind="stable")[:k]
         return blended[order][None].astype(np.float32), rows[order][None]
 
     def explain(self, user, item):
         """A one-paragraph reason, generated by the LLM runtime, why `item` suits `user`."""
-        if self.llm is None:
-            raise FeatureUnavailable("explain needs the LLM runtime, and the LLM runtime is not installed "
-                                     "(pass llm= an object with generate(prompt, max_new_tokens))")
+        return "".join(self.explain_stream(user, item))
+
+    def explain_stream(self, user, item):
+        """explain's text as the LLM generates it: an iterator of pieces. The user, the item and the
+        runtime are checked here, before the first piece. Iterate it on one thread and to its end (or
+        close it): the LLM serves no other call meanwhile."""
         catalogue = self._catalogue
         row = self._row("item", item, catalogue)
-        prompt = explain_prompt(self._history_titles(self._user(_as_id("user", user)), catalogue),
-                                catalogue.titles[row])
-        return "".join(self.llm.generate(prompt, max_new_tokens=EXPLAIN_TOKENS))
+        entry = self._user(_as_id("user", user))
+        llm = self._llm("explain", "stream(prompt, max_new_tokens)")
+        prompt = explain_prompt(self._history_titles(entry, catalogue), catalogue.titles[row])
+        return llm.stream(prompt, max_new_tokens=EXPLAIN_TOKENS)
 
     def _history_titles(self, entry, catalogue, last=10):
         return [catalogue.titles[r] for r in entry.rows[-last:]]
@@ -436,9 +468,8 @@ def llm_prompt_prefix(history_titles):
 
 
 def explain_prompt(history_titles, title):
-    lines = "\n".join(f"- {t}" for t in history_titles)
-    return (f"A viewer recently enjoyed these movies:\n{lines}\nIn two sentences, explain why they would also "
-            f"enjoy {title}:\n")
+    """The rerank prompt continued with `title`: after a rerank, the LLM's prefix cache holds all but the tail."""
+    return f"{llm_prompt_prefix(history_titles)} {title}\nIn two sentences, explain why they would enjoy {title}:\n"
 
 
 def blend_scores(cf_scores, llm_scores, weight):
@@ -457,6 +488,12 @@ def _merge(seen, blocked):
     if not len(blocked):
         return seen
     return np.concatenate([seen, blocked])
+
+
+def _count(name, value):
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    return int(value)
 
 
 def _as_id(name, value):

@@ -9,6 +9,7 @@ from engine_data import build_small
 from serve_data import serve
 
 from recscore.serve.app import Limits
+from recscore.serve.client import Client
 from recscore.serve.openapi import OPENAPI
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -85,12 +86,16 @@ def test_explain_answers_feature_unavailable_until_the_llm_lands(served):
 
 def test_explain_streams_server_sent_events(served):
     class LLM:
-        def generate(self, prompt, max_new_tokens):
-            return iter(["Because ", "you liked\nthem."])
+        def stream(self, prompt, max_new_tokens):
+            yield from ["Because ", "you liked\nthem."]
     served.app.state.server.engine.llm = LLM()
     r = served.client.get("/v1/explain?user=3&item=1005", headers=served.headers("read"))
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
-    assert r.text.startswith("data: Because you liked\ndata: them.\n\nevent: end")
+    assert r.text == "data: Because \n\ndata: you liked\ndata: them.\n\nevent: end\ndata: \n\n"
+    client = Client("http://unused")
+    client._request = lambda *args, **kwargs: r.text    # the client's reading of the same stream
+    assert client.explain(3, 1005) == "Because you liked\nthem."
+    assert_error(served.client.get("/v1/explain?user=3&item=999999", headers=served.headers("read")), 404)
 
 
 def test_keys_and_roles(served):

@@ -4,10 +4,12 @@ Every /v1 request passes `_endpoint`: API key and role, the key's token bucket, 
 size and time limit and parsed strictly (UTF-8, no NaN/Infinity, bounded depth), then the engine call
 in a worker thread under the request time limit. Errors become JSON through errors.py only.
 """
+import contextlib
 import dataclasses
 import functools
 import json
 import math
+import queue
 import re
 import threading
 import time
@@ -30,6 +32,7 @@ from .openapi import OPENAPI
 INT64_MAX = 2 ** 63 - 1
 KEY_HEADER = "x-api-key"
 INTEGER = re.compile(r"-?[0-9]{1,19}")    # a query or path id; the int64 range is checked after
+LINE_BREAK = re.compile(r"\r\n|[\r\n]")   # what ends a line of server-sent events
 
 
 @dataclasses.dataclass(frozen=True)
@@ -368,18 +371,52 @@ async def similar(server, request, body):
 async def explain(server, request, body):
     user = _query_int(request, "user", None, -INT64_MAX - 1, INT64_MAX)
     item = _query_int(request, "item", None, -INT64_MAX - 1, INT64_MAX)
-    text = await server.call(server.engine.explain, user, item)
+    pieces, stop = queue.Queue(), threading.Event()
+    threading.Thread(target=_explain_into, args=(server.engine, user, item, pieces, stop), daemon=True,
+                     name=f"explain {user} {item}").start()
+    try:
+        first = await server.call(pieces.get)   # refusals (no LLM, unknown item) answer as JSON errors
+    except BaseException:
+        stop.set()
+        raise
+    if isinstance(first, BaseException):
+        raise first
 
     async def events():
-        for line in text.splitlines() or [""]:
-            yield f"data: {line}\n"
-        yield "\nevent: end\ndata: \n\n"
+        piece = first
+        try:
+            while piece is not _EXPLAINED:
+                if isinstance(piece, BaseException):
+                    raise piece
+                yield "".join(f"data: {line}\n" for line in LINE_BREAK.split(piece)) + "\n"
+                piece = await anyio.to_thread.run_sync(pieces.get)
+        finally:
+            stop.set()   # the client left (or the text ended): the generation stops at its next piece
+        yield "event: end\ndata: \n\n"
     return StreamingResponse(events(), media_type="text/event-stream")
 
 
+_EXPLAINED = object()   # put after the explanation's last piece
+
+
+def _explain_into(engine, user, item, pieces, stop):
+    """Put the pieces of engine.explain_stream into `pieces`, then _EXPLAINED (or the exception it raised).
+    One thread runs the whole generation: the LLM's lock is taken and released on the same thread."""
+    try:
+        with contextlib.closing(engine.explain_stream(user, item)) as stream:
+            for piece in stream:
+                pieces.put(piece)
+                if stop.is_set():
+                    break
+        pieces.put(_EXPLAINED)   # always last: a reader left waiting (a timed-out request) is let go
+    except Exception as error:   # handed to the request, which answers it
+        pieces.put(error)
+
+
 def _open_engine(server, path):
-    """The bundle at `path` over the serving engine's state store; ValueError if it is damaged."""
-    return Engine(open_bundle(path), server.engine.state)
+    """The bundle at `path` over the serving engine's state store and LLM; ValueError if it is damaged."""
+    old = server.engine
+    return Engine(open_bundle(path), old.state, llm=old.llm if old.llm is not None else old.llm_name)
 
 
 @_endpoint("admin")
@@ -443,10 +480,11 @@ def create_app(engine, keys, limits=Limits()):
     return app
 
 
-BUNDLE_ENV, KEYS_ENV = "RECSCORE_SERVE_BUNDLE", "RECSCORE_SERVE_KEYS"
+BUNDLE_ENV, KEYS_ENV, LLM_ENV = "RECSCORE_SERVE_BUNDLE", "RECSCORE_SERVE_KEYS", "RECSCORE_SERVE_LLM"
 
 
 def app_from_env():
     """The app of one uvicorn worker process (--workers N): bundle and key store named by the environment."""
     import os
-    return create_app(Engine.open(os.environ[BUNDLE_ENV]), KeyStore(os.environ[KEYS_ENV]))
+    return create_app(Engine.open(os.environ[BUNDLE_ENV], llm=os.environ.get(LLM_ENV) or None),
+                      KeyStore(os.environ[KEYS_ENV]))

@@ -69,10 +69,16 @@ class Client:
         return self._request("GET", f"/v1/similar/{int(item)}", query={"k": k})["items"]
 
     def explain(self, user, item):
-        """The explanation's text (the server-sent events' data lines joined)."""
+        """The explanation's text: the pieces (one server-sent event each, its data lines joined by
+        newlines) joined, up to the end event."""
         stream = self._request("GET", "/v1/explain", query={"user": user, "item": item}, parse=False)
-        message = stream.split("\n\n", 1)[0]
-        return "\n".join(line[len("data: "):] for line in message.splitlines() if line.startswith("data: "))
+        pieces = []
+        for event in stream.split("\n\n"):
+            lines = event.split("\n")
+            if "event: end" in lines:
+                break
+            pieces.append("\n".join(line[len("data: "):] for line in lines if line.startswith("data: ")))
+        return "".join(pieces)
 
     def reload(self, bundle=None):
         return self._request("POST", "/v1/admin/reload", {} if bundle is None else {"bundle": str(bundle)})

@@ -15,6 +15,8 @@ def add_parsers(commands):
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--workers", type=int, default=1, help="processes (each opens the bundle; reload reaches one)")
     serve.add_argument("--keys", metavar="PATH", help=f"API key store (default: {KEYS_FILE} in the bundle)")
+    serve.add_argument("--llm", action="store_const", const="gemma3",
+                       help="serve rerank=llm and /v1/explain with the packaged Gemma 3 270M (loaded on first use)")
     keys = commands.add_parser("keys", help="manage the API keys of `recscore serve`")
     keys.add_argument("action", choices=("create", "list", "revoke"))
     keys.add_argument("bundle", nargs="?", help=f"the bundle whose {KEYS_FILE} to use (or --keys)")
@@ -68,16 +70,17 @@ def _serve(args, store):
     import uvicorn
 
     from ..engine import Engine
-    from .app import BUNDLE_ENV, KEYS_ENV, create_app
+    from .app import BUNDLE_ENV, KEYS_ENV, LLM_ENV, create_app
 
     if not store.has_admin():
         _, token = store.create("admin", "first admin key, created by serve")
         print(f"no admin key existed; created one, shown this once:\n{token}", flush=True)
     if args.workers > 1:
         os.environ[BUNDLE_ENV], os.environ[KEYS_ENV] = str(args.bundle), store.path
+        os.environ[LLM_ENV] = args.llm or ""
         uvicorn.run("recscore.serve.app:app_from_env", factory=True, host=args.host, port=args.port,
                     workers=args.workers, log_level="info")
         return 0
-    app = create_app(Engine.open(args.bundle), store)
+    app = create_app(Engine.open(args.bundle, llm=args.llm), store)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")
     return 0
