@@ -1,7 +1,7 @@
 """recscore.kernels: the public kernel API (see API.md in the project's shared docs).
 
 The backend follows the data: NumPy arrays and CPU tensors run the CPU kernels
-(Numba/Cython), CUDA tensors run the Triton kernels; `use_backend` forces one.
+(C via Cython), CUDA tensors run the Triton kernels; `use_backend` forces one.
 """
 from ._backend import BACKENDS, aligned_empty, use_backend
 from ._cpu import cpu_info, use_cpu_level

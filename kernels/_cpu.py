@@ -11,6 +11,7 @@ import contextlib
 import contextvars
 import os
 import platform
+import sys
 
 from ..bindings import _cpu
 from ._backend import warn_once
@@ -34,6 +35,18 @@ def _level_from_environment():
 
 DEFAULT = _level_from_environment()
 _forced_level = contextvars.ContextVar("recscore_cpu_level", default=None)
+
+
+def kernel_threads():
+    """The OpenMP threads a CPU kernel call may use: numba.get_num_threads() of the calling thread (the
+    process-wide setting, which numba.set_num_threads changes per thread), without importing Numba
+    for it (0.2-0.3 s at a first call): until something has imported it, no thread can have changed
+    the count from its default, NUMBA_NUM_THREADS or the CPUs this process may run on."""
+    numba = sys.modules.get("numba")
+    if numba is not None:
+        return numba.get_num_threads()
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return int(os.environ.get("NUMBA_NUM_THREADS", 0)) or usable
 
 
 def cpu_level():

@@ -31,6 +31,10 @@ from tqdm import tqdm
 
 from recscore.kernels import QuantizedMatrix, qmatmul, quantize_matrix
 
+# Host services encode from many threads: Numba's default `workqueue` layer aborts on concurrent
+# parallel regions, so ask for a thread-safe one (OpenMP or TBB) before any kernel here first runs.
+numba.config.THREADING_LAYER = "threadsafe"
+
 DTYPES = ("int8", "int4", "fp32")
 HEAD_DIM = 32                   # attention's loops unroll over it (a compile-time constant): 384 wide / 12 heads
 LANES = 16                      # float32s in a 512-bit vector: keys are padded to whole vectors

@@ -2,7 +2,7 @@
 (bindings/_embedding_bag.h drives the row loops of _embedding_bag_simd.h, compiled for every CPU
 vector level; the call runs at kernels._cpu.cpu_level()).
 
-The OpenMP threads follow numba.get_num_threads(), as for the other CPU kernels (calls under
+The OpenMP threads follow kernels._cpu.kernel_threads(), as for the other CPU kernels (calls under
 about 3 MB of rows run on the calling thread). Indices are checked in the kernel's own pass, so
 bounds="error" costs no separate scan. Why C and what was measured: bench/notes/cpu-embedding.md.
 
@@ -18,13 +18,12 @@ into those arrays in place are therefore not seen: give the table new scale and 
 import threading
 import weakref
 
-import numba
 import numpy as np
 
 from ...bindings import _embedding_bag
 from ...bindings._cpu import DTYPE_CODES, POOLING_CODES
 from .._backend import to_numpy
-from .._cpu import cpu_level
+from .._cpu import cpu_level, kernel_threads
 from .._validate import check_bag_indices
 from ..quantize_rows import has_contiguous_rows
 
@@ -105,7 +104,7 @@ def lookup(batch, indices, offsets, bags_per_table, pooling, per_sample_weights,
     _, tables, total_dim = _prepare(batch)
     out = np.empty((bags_per_table, total_dim), np.float32)
     bad = _embedding_bag.lookup(tables, indices, offsets, per_sample_weights, bags_per_table,
-                                POOLING_CODES[pooling], bounds == "error", out, numba.get_num_threads(), cpu_level())
+                                POOLING_CODES[pooling], bounds == "error", out, kernel_threads(), cpu_level())
     if bad >= 0:  # rescan for the message: the kernel's chunks stop at their own first bad index
         check_bag_indices(indices, offsets, batch.rows, bags_per_table, batch.table_names)
         raise RuntimeError(f"embedding_bag: the CPU kernel flagged indices[{bad}] = {indices[bad]}, "

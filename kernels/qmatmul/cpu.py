@@ -13,10 +13,9 @@ panel kernel), smaller M takes the row kernel, which decodes each tile of rows o
 take/dequantize: equal to reference.py (and gguf) bit for bit.
 Measurements and decisions: bench/notes/cpu-qmatmul.md.
 """
-import numba
 import numpy as np
 
-from .._cpu import cpu_level
+from .._cpu import cpu_level, kernel_threads
 from ...bindings import _qmatmul
 from ...bindings._cpu import QMATMUL_FORMAT_IDS as FORMAT_IDS
 
@@ -63,15 +62,15 @@ def panels(qm, level):
             buffer = np.zeros(size + 64, dtype=np.uint8)
             start = -buffer.ctypes.data % 64
             built = buffer[start:start + size]
-            _qmatmul.repack(*_matrix(qm), qm.shape[1], built, numba.get_num_threads(), level)
+            _qmatmul.repack(*_matrix(qm), qm.shape[1], built, kernel_threads(), level)
             built.flags.writeable = False
             qm.prepared[key] = built
     return built
 
 
 def threads(qm, M):
-    """One thread below SINGLE_THREAD_MACS multiply-adds, else Numba's thread count (the process-wide setting)."""
-    return 1 if M * qm.shape[0] * qm.shape[1] < SINGLE_THREAD_MACS else numba.get_num_threads()
+    """One thread below SINGLE_THREAD_MACS multiply-adds, else kernel_threads()."""
+    return 1 if M * qm.shape[0] * qm.shape[1] < SINGLE_THREAD_MACS else kernel_threads()
 
 
 def matmul(x, qm):
@@ -105,6 +104,6 @@ def take(qm, rows):
         rows = np.arange(qm.shape[0], dtype=np.int64)
     out = np.empty((rows.shape[0], qm.shape[1]), dtype=np.float32)
     if out.size:
-        n_threads = 1 if out.size < SINGLE_THREAD_MACS // 16 else numba.get_num_threads()
+        n_threads = 1 if out.size < SINGLE_THREAD_MACS // 16 else kernel_threads()
         _qmatmul.take(*_matrix(qm), rows, out, n_threads, cpu_level())
     return out

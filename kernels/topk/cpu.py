@@ -16,14 +16,12 @@ in C, a bitmap per tile). B >= 8 runs register blocks of rows x query panels; fe
 run one query against a group of rows at a time, int8 rows there on their codes with an exact
 integer bound as a pre-selection. Measurements: bench/notes/cpu-topk.md.
 """
-import numba
 import numpy as np
 
 from .._backend import warn_once
-from .._cpu import cpu_level
+from .._cpu import cpu_level, kernel_threads
 from ...bindings import _topk_scan
 from ...bindings._cpu import DTYPE_CODES, METRIC_CODES
-from .. import _numba  # noqa: F401  (thread-safe threading layer before numba's threads start)
 
 # Scans of fewer corpus bytes + multiply-adds run on the calling thread: waking and joining a
 # sleeping OpenMP thread costs 60-120 us here (bench/notes/cpu-topk.md).
@@ -48,7 +46,7 @@ def topk(queries, corpus, k, metric, exclude):
         return scores, ids
     excl_ptr, excl_ids = (_NO_EXCLUSIONS, _NO_EXCLUSIONS) if exclude is None else exclude
     serial = corpus.data.nbytes + n_rows * dim * B < SERIAL_SCAN_BELOW
-    threads = 1 if serial else numba.get_num_threads()
+    threads = 1 if serial else kernel_threads()
     if not corpus.data.flags.c_contiguous:
         warn_once("topk-corpus-copy", "topk: the corpus rows are not contiguous (a column slice, "
                                       "RowTable.fused()); the scan copies them on every call")
