@@ -14,6 +14,8 @@ def add_parsers(commands):
     build.add_argument("--min-value", type=float, help="events with a smaller value are dropped (and counted)")
     build.add_argument("--max-value", type=float, help="events with a larger value are dropped (and counted)")
     build.add_argument("--no-tune", action="store_true", help="keep the default serving config (no validation search)")
+    build.add_argument("--content", action="store_true",
+                       help="also encode each item's title and genres with the MiniLM text encoder (for text=)")
     build.add_argument("-o", "--output", required=True, metavar="BUNDLE", help="bundle directory to write")
     recommend = commands.add_parser("recommend", help="recommend items for a user of a bundle")
     recommend.add_argument("bundle")
@@ -72,7 +74,8 @@ def _build(args):
         low, high = value_range or (-float("inf"), float("inf"))
         value_range = (args.min_value if args.min_value is not None else low,
                        args.max_value if args.max_value is not None else high)
-    bundle.build(catalogue, events, args.output, value_range=value_range, malformed=malformed, tune=not args.no_tune)
+    bundle.build(catalogue, events, args.output, value_range=value_range, malformed=malformed, tune=not args.no_tune,
+                 content=args.content)
     return 0
 
 

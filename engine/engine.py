@@ -8,8 +8,10 @@
 A request: the user's history (bundle events + stored feedback) -> pooled row (one `embedding_bag`,
 recency-weighted, cached per user and updated in place of a recompute on feedback) -> `topk` with
 the seen items, genre filters and removed items as exclusions (scoring.py). Users with no history
-get the most popular items. Thread-safe: catalogue and user entries are replaced, never mutated,
-under one lock; kernels run outside it.
+get the most popular items. `text=` (a bundle built with --content) replaces that retrieval, history
+or not: the text's MiniLM vector -> `topk` over the items' content vectors, same exclusions.
+Thread-safe: catalogue and user entries are replaced, never mutated, under one lock; kernels run
+outside it.
 """
 import collections
 import dataclasses
@@ -20,9 +22,11 @@ from pathlib import Path
 
 import numpy as np
 
-from .bundle import open_bundle
+from recscore.kernels import topk
+
+from .bundle import CONTENT_FILE, open_bundle
 from .metrics import Metrics
-from .scoring import FactorScorer, history_bags, recency, scorer_for, select_by_score
+from .scoring import FactorScorer, exclusion_csr, history_bags, recency, scorer_for, select_by_score
 from .state import SQLiteState
 
 STATE_FILE = "state.sqlite3"        # default state store, beside the bundle's files
@@ -46,8 +50,8 @@ class UnknownItem(KeyError):
 class Recommendation:
     items: np.ndarray        # int64 item ids (the data's own), best first; fewer than k if the catalogue ran out
     scores: np.ndarray       # float32
-    timings_ms: dict         # per stage: history, score, select, rerank (when asked), total
-    source: str              # "history" or "popularity" (a user with no history)
+    timings_ms: dict         # per stage: history, score (text for text=), select, rerank (when asked), total
+    source: str              # "history", "popularity" (a user with no history) or "text" (text=)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,7 +76,9 @@ class Engine:
                  rerank_candidates=RERANK_CANDIDATES):
         """llm: None (no reranking or explanations), "gemma3" (the packaged Gemma 3 270M, loaded on first
         use), or an object like models.llm.LLM: score(prefix, candidates) -> [.mean log-probability] and
-        stream(prompt, max_new_tokens) -> pieces of text."""
+        stream(prompt, max_new_tokens) -> pieces of text.
+        encoder: for text=, an object like models.minilm.Encoder (encode(text) -> (1, dim) normalised);
+        default: the packaged MiniLM, created on the first text request."""
         if isinstance(llm, str) and llm not in LLM_RUNTIMES:
             raise ValueError(f"llm must be None, one of {LLM_RUNTIMES} or an LLM object, got {llm!r}")
         self.bundle = bundle
@@ -83,6 +89,7 @@ class Engine:
         self.encoder = encoder
         self.rerank_candidates = _count("rerank_candidates", rerank_candidates)
         self._llm_lock = threading.Lock()   # apart from _lock: a 0.8 s load must not stall recommend
+        self._encoder_lock = threading.Lock()   # likewise for the encoder's load
         self.metrics = Metrics()
         self._lock = threading.RLock()
         self._cache_size = cache_size
@@ -107,6 +114,8 @@ class Engine:
         vectors = bundle.arrays["puresvd.safetensors"]["item_vectors"]
         ease = bundle.arrays["ease.safetensors"]
         self._item_vectors = vectors
+        content = bundle.arrays.get(CONTENT_FILE)
+        self._content_vectors = None if content is None else content["item_vectors"]
         self.scorer = scorer_for(self.config, vectors, ease["columns"], ease["weights"])
 
     @classmethod
@@ -180,8 +189,14 @@ class Engine:
     # ---- requests ----------------------------------------------------------------------------
 
     def recommend(self, user, k=10, *, exclude_seen=True, filters=None, text=None, rerank=None):
-        """Top k items for `user` (the data's user id): a Recommendation."""
+        """Top k items for `user` (the data's user id): a Recommendation.
+
+        text: the items closest to these words (cosine of MiniLM vectors against the bundle's content
+        vectors), in place of the history or popularity retrieval; the user's history still counts for
+        exclude_seen. Items added live have no content vector, so text never returns them."""
         self._check_request_options(text, rerank)
+        if text is not None:
+            return self._recommend_text(user, k, exclude_seen, filters, text)
         reranker = self._llm("rerank='llm'", "score(prefix, candidates)") if rerank else None
         return self._recommend([user], k, exclude_seen, filters, reranker)[0]
 
@@ -190,14 +205,51 @@ class Engine:
         return self._recommend(list(users), k, exclude_seen, filters, None)
 
     def _check_request_options(self, text, rerank):
+        if rerank not in (None, "llm"):
+            raise ValueError(f"rerank must be None or 'llm', got {rerank!r}")
         if text is not None:
             if not isinstance(text, str):
                 raise TypeError(f"text must be a str, got {type(text).__name__}")
-            # A text request needs the item text vectors of a bundle built with the encoder.
-            raise FeatureUnavailable("text= needs the MiniLM text encoder (recscore.models.minilm) and item text "
-                                     "vectors in the bundle; neither is installed in this engine yet")
-        if rerank not in (None, "llm"):
-            raise ValueError(f"rerank must be None or 'llm', got {rerank!r}")
+            if not text.strip():
+                raise ValueError("text must hold words, got an empty or blank str")
+            if rerank:
+                raise ValueError("text= and rerank='llm' cannot be combined: text replaces the candidates "
+                                 "the LLM re-ranks")
+            if self._content_vectors is None:
+                raise FeatureUnavailable(f"text= needs the text encoder's item vectors in the bundle ({CONTENT_FILE}), "
+                                         f"and this bundle has none: build it with `recscore build ... --content`")
+
+    def _text_encoder(self):
+        """The text encoder, created here on first use unless the engine was given one (once, by one
+        thread: the others wait for it)."""
+        if self.encoder is None:
+            with self._encoder_lock:
+                if self.encoder is None:
+                    from .models.minilm import Encoder
+                    self.encoder = Encoder()
+        return self.encoder
+
+    def _recommend_text(self, user, k, exclude_seen, filters, text):
+        start = time.perf_counter()
+        k = _count("k", k)
+        entry = self._user(_as_id("user", user))
+        catalogue = self._catalogue
+        blocked = self._blocked_rows(filters, catalogue)
+        history = time.perf_counter()
+        query = np.asarray(self._text_encoder().encode(text), np.float32).reshape(1, -1)
+        encoded = time.perf_counter()
+        excluded = _merge(entry.seen if exclude_seen else None, blocked)
+        # live-added rows lie past the content vectors: they are never candidates, so not exclusions
+        excluded = excluded[excluded < len(self._content_vectors)]
+        scores, rows = topk(query, self._content_vectors, k, metric="ip", exclude=exclusion_csr([excluded]))
+        selected = time.perf_counter()
+        timings = {"history": (history - start) * 1e3, "text": (encoded - history) * 1e3,
+                   "select": (selected - encoded) * 1e3, "total": (selected - start) * 1e3}
+        for stage, ms in timings.items():
+            self.metrics.stage[stage].observe(ms / 1e3)
+        self.metrics.requests.labels("recommend").inc()
+        valid = rows[0] >= 0
+        return Recommendation(catalogue.item_ids[rows[0][valid]], scores[0][valid], timings, "text")
 
     def _llm(self, feature, needs):
         """The LLM runtime, loaded here on first use when the engine was given llm="gemma3" (once, by one

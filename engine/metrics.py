@@ -21,7 +21,7 @@ class Metrics:
         self.cache_hit_ratio.set_function(self._hit_ratio)
         self._outcome = {True: self.cache.labels("hit"), False: self.cache.labels("miss")}
         self.hits = self.misses = 0
-        self.stage = {name: self.stage_seconds.labels(name) for name in ("history", "score", "select", "rerank", "total")}
+        self.stage = {name: self.stage_seconds.labels(name) for name in ("history", "score", "text", "select", "rerank", "total")}
 
     def cache_lookup(self, hit):
         self._outcome[hit].inc()
