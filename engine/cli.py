@@ -9,11 +9,14 @@ from .serve import commands as serve_commands
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="recscore", description="Real-time recommendation scoring.")
     commands = parser.add_subparsers(dest="command", required=True)
-    demo = commands.add_parser("demo", help="recommend on a synthetic catalogue (default) or on MovieLens")
+    demo = commands.add_parser("demo", help="the engine end to end on a synthetic catalogue (default), the bare "
+                                            "kernels (--kernels), or the kernels on MovieLens (--movielens)")
+    demo.add_argument("--kernels", action="store_true", help="the bare lookup + top-k path on 20,000 synthetic items")
     demo.add_argument("--movielens", metavar="PATH", help="folder of MovieLens latest-small (ratings.csv, movies.csv)")
+    demo.add_argument("--no-llm", action="store_true", help="the engine without the LLM rerank and explanation")
     demo.add_argument("-k", type=int, default=10, help="recommendations per user (default 10)")
     demo.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16", "int8", "int4"],
-                      help="how item rows are stored for lookup and retrieval (default fp32)")
+                      help="--kernels, --movielens: how item rows are stored for lookup and retrieval (default fp32)")
     engine_commands.add_parsers(commands)
     serve_commands.add_parsers(commands)
     encode = commands.add_parser("encode", help="embed texts with all-MiniLM-L6-v2 on the int8 kernels (recscore.models.minilm)")
@@ -50,8 +53,10 @@ def main(argv=None):
         except FileNotFoundError as error:
             print(f"recscore demo: {error}", file=sys.stderr)
             return 2
-    else:
+    elif args.kernels:
         demo_module.run_synthetic(k=args.k, dtype=args.dtype)
+    else:
+        demo_module.run_engine(k=args.k, llm=not args.no_llm)
     return 0
 
 

@@ -124,3 +124,27 @@ def hold_out_last(catalogue):
         history_items=catalogue.history_items[keep],
         history_weights=catalogue.history_weights[keep])
     return train, test_users, catalogue.history_items[last]
+
+
+def synthetic_events(num_items=200, num_users=80, dim=8, seed=3, genre_names=None, progress=False):
+    """synthetic_catalogue as data for `bundle.build`: a bundle.Catalogue (ids 1000 + row, the titles, each
+    item's own genre, or with genre_names every item in genre_names[row % n] and every fifth also in the
+    next) and events (users 1..U, value 4.0, a minute apart in history order)."""
+    from .bundle import Catalogue
+
+    data = synthetic_catalogue(num_items=num_items, num_users=num_users, dim=dim, seed=seed, progress=progress)
+    ids = 1000 + np.arange(num_items)
+    if genre_names is None:
+        genres = [[category] for category in data.categories]
+    else:
+        n = len(genre_names)
+        genres = [[genre_names[i % n]] + ([genre_names[(i + 1) % n]] if i % 5 == 0 else [])
+                  for i in range(num_items)]
+    catalogue = Catalogue(ids, data.titles, genres)
+    counts = np.diff(data.history_indptr)
+    users = np.repeat(np.arange(1, num_users + 1), counts)
+    position = np.arange(len(users)) - data.history_indptr[users - 1]
+    items = ids[data.history_items]
+    values = np.full(len(users), 4.0)
+    times = 1_000_000 + 60 * position + users
+    return catalogue, (users, items, values, times)

@@ -111,3 +111,61 @@ def run_movielens(path, k=10, dtype="fp32", rank=64, out=print):
     _print_recommendations(train, recommender, list(range(SHOWN_USERS)), k, out)
     _print_latency(train, recommender, k, out)
     return {"recall": recall, "ndcg": ndcg, "popularity_recall": pop_recall, "popularity_ndcg": pop_ndcg}
+
+
+ENGINE_ITEMS, ENGINE_USERS = 3_000, 1_000   # a bundle that builds in seconds
+
+
+def _print_list(engine, rec, out, mark=()):
+    for rank, (item, score) in enumerate(zip(rec.items, rec.scores), 1):
+        flag = "  <- new" if item in mark else ""
+        out(f"  {rank:2d}. {score:8.3f}  {engine.title(item):<40.40}{flag}")
+
+
+def run_engine(k=10, out=print, progress=True, llm=True):
+    """The engine end to end on a synthetic catalogue: build a bundle, recommend, a click that changes
+    the next answer, per-stage latency, then (llm) an LLM rerank and a streamed explanation."""
+    import tempfile
+
+    from .bundle import build
+    from .datasets import synthetic_events
+    from .engine import Engine
+
+    _print_cpu(out)
+    out(f"Building a bundle from a synthetic catalogue ({ENGINE_ITEMS:,} items, {ENGINE_USERS:,} users)")
+    with tempfile.TemporaryDirectory() as folder:
+        start = time.perf_counter()
+        catalogue, events = synthetic_events(num_items=ENGINE_ITEMS, num_users=ENGINE_USERS, dim=32, seed=7,
+                                             progress=progress)
+        build(catalogue, events, folder, tune=False, log=lambda line: out(f"  {line}"))
+        out(f"Built in {time.perf_counter() - start:.1f} s")
+        with Engine.open(folder, llm="gemma3" if llm else None) as engine:
+            user = 1
+            rec = engine.recommend(user, k)
+            out(f"\nUser {user} ({rec.source}): top {k}")
+            _print_list(engine, rec, out)
+            clicked = int(rec.items[0])
+            engine.feedback(user, clicked)
+            after = engine.recommend(user, k)
+            out(f"\nAfter a click on {engine.title(clicked)!r} (feedback is durable before it returns), "
+                f"the very next request:")
+            _print_list(engine, after, out, mark=set(after.items) - set(rec.items))
+
+            rng = np.random.default_rng(0)
+            timings = [engine.recommend(int(u), k).timings_ms for u in rng.integers(1, ENGINE_USERS + 1, 200)]
+            stages = ", ".join(f"{stage} {np.median([t[stage] for t in timings]):.3f} ms" for stage in timings[0])
+            out(f"\nLatency, one request (median of 200 users): {stages}")
+            if not llm:
+                return
+            start = time.perf_counter()
+            reranked = engine.recommend(user, k, rerank="llm")
+            out(f"\nRe-ranked by Gemma 3 270M (first call loads it: {(time.perf_counter() - start):.1f} s; "
+                f"rerank stage {reranked.timings_ms['rerank']:.0f} ms):")
+            _print_list(engine, reranked, out)
+            item = int(reranked.items[0])
+            out(f"\nWhy {engine.title(item)!r}? ", end="", flush=True)
+            start, first = time.perf_counter(), None
+            for piece in engine.explain_stream(user, item):
+                first = first or time.perf_counter() - start
+                out(piece, end="", flush=True)
+            out(f"\n(first piece after {1e3 * (first or 0.0):.0f} ms, all in {time.perf_counter() - start:.1f} s)")

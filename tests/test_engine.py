@@ -72,22 +72,27 @@ def test_synthetic_catalogue_is_deterministic():
     assert a.titles == b.titles and len(set(a.categories)) > 1
 
 
-def test_demo_runs_and_prints_recommendations():
+def test_demo_runs_the_engine_end_to_end():
+    """The default demo: a bundle built, recommendations, a click that changes the next answer, latency,
+    an LLM rerank and a streamed explanation."""
     env = dict(os.environ, PYTHONIOENCODING="utf-8")
     done = subprocess.run([sys.executable, "-m", "recscore", "demo"], capture_output=True, text=True, env=env,
                           timeout=600)
     assert done.returncode == 0, done.stderr
-    assert done.stdout.count("\nUser ") == 3
-    assert " 10. " in done.stdout and "Latency, one user" in done.stdout
-    assert f"level {cpu_info()['level']}" in done.stdout
+    out = done.stdout
+    assert f"level {cpu_info()['level']}" in out and "User 1 (history): top 10" in out
+    before, after = out.split("After a click on ")[0], out.split("After a click on ")[1].split("Latency")[0]
+    assert " 10. " in before and " 10. " in after and "<- new" in after
+    assert "Latency, one request" in out and "Re-ranked by Gemma 3 270M" in out and "first piece after" in out
 
 
-def test_demo_runs_at_the_level_recscore_cpu_caps():
+def test_kernel_demo_runs_at_the_level_recscore_cpu_caps():
     env = dict(os.environ, PYTHONIOENCODING="utf-8", RECSCORE_CPU="baseline")
-    done = subprocess.run([sys.executable, "-m", "recscore", "demo"], capture_output=True, text=True, env=env,
-                          timeout=600)
+    done = subprocess.run([sys.executable, "-m", "recscore", "demo", "--kernels"], capture_output=True, text=True,
+                          env=env, timeout=600)
     assert done.returncode == 0, done.stderr
     assert "level baseline" in done.stdout and done.stdout.count("\nUser ") == 3
+    assert " 10. " in done.stdout and "Latency, one user" in done.stdout
 
 
 def test_demo_reports_a_missing_dataset(tmp_path):
