@@ -129,7 +129,7 @@ def run_engine(k=10, out=print, progress=True, llm=True):
 
     from .bundle import build
     from .datasets import synthetic_events
-    from .engine import Engine
+    from .engine import Engine, FeatureUnavailable
 
     _print_cpu(out)
     out(f"Building a bundle from a synthetic catalogue ({ENGINE_ITEMS:,} items, {ENGINE_USERS:,} users)")
@@ -158,7 +158,11 @@ def run_engine(k=10, out=print, progress=True, llm=True):
             if not llm:
                 return
             start = time.perf_counter()
-            reranked = engine.recommend(user, k, rerank="llm")
+            try:
+                reranked = engine.recommend(user, k, rerank="llm")
+            except FeatureUnavailable as error:
+                out(f"\nLLM rerank and explanation skipped: {error}")
+                return
             out(f"\nRe-ranked by Gemma 3 270M (first call loads it: {(time.perf_counter() - start):.1f} s; "
                 f"rerank stage {reranked.timings_ms['rerank']:.0f} ms):")
             _print_list(engine, reranked, out)

