@@ -101,47 +101,48 @@ cdef _check_product(const float[:, ::1] x, float[:, ::1] out, int64_t N, int64_t
                          f"not fit a ({N}, {K}) matrix ({threads} threads)")
 
 
-def matmul(int fmt, const uint8_t[:, ::1] data, const float[:, ::1] scales, int64_t group_size,
-           const float[:, ::1] x, float[:, ::1] out, int threads, int level):
-    """out (M, N) = x (M, K) @ W.T with int8 activations, from the packed rows (the row kernel)."""
+cdef enum Product:
+    ROWS, STREAMED_PANELS, FLOATS
+
+_PRODUCT_NAMES = ("row kernel", "streamed panel kernel", "float kernel")   # by Product
+
+
+cdef _product(Product kind, int fmt, const uint8_t[:, ::1] data, const float[:, ::1] scales, int64_t group_size,
+              const float[:, ::1] x, float[:, ::1] out, int threads, int level):
+    """out (M, N) = x (M, K) @ W.T from the packed rows by the kernel `kind`, every size checked first."""
     _check_level(level)
     cdef qm_matrix w
-    if not _describe(&w, fmt, data, scales, group_size, x.shape[1], True):
-        raise _matrix_error("row kernel", fmt, data, scales, group_size, x.shape[1])
+    if not _describe(&w, fmt, data, scales, group_size, x.shape[1], kind != FLOATS):
+        raise _matrix_error(_PRODUCT_NAMES[kind], fmt, data, scales, group_size, x.shape[1])
     _check_product(x, out, w.N, w.K, threads)
     cdef int status
     with nogil:
-        status = qm_matmul(level, &w, &x[0, 0], x.shape[0], &out[0, 0], threads)
-    _check_status(status, "row kernel")
+        if kind == ROWS:
+            status = qm_matmul(level, &w, &x[0, 0], x.shape[0], &out[0, 0], threads)
+        elif kind == STREAMED_PANELS:
+            status = qm_streamed_panel_matmul(level, &w, &x[0, 0], x.shape[0], &out[0, 0], threads)
+        else:
+            status = qm_float_matmul(level, &w, &x[0, 0], x.shape[0], &out[0, 0], threads)
+    _check_status(status, _PRODUCT_NAMES[kind])
+
+
+def matmul(int fmt, const uint8_t[:, ::1] data, const float[:, ::1] scales, int64_t group_size,
+           const float[:, ::1] x, float[:, ::1] out, int threads, int level):
+    """out (M, N) = x (M, K) @ W.T with int8 activations, from the packed rows (the row kernel)."""
+    _product(ROWS, fmt, data, scales, group_size, x, out, threads, level)
 
 
 def streamed_panel_matmul(int fmt, const uint8_t[:, ::1] data, const float[:, ::1] scales, int64_t group_size,
                           const float[:, ::1] x, float[:, ::1] out, int threads, int level):
     """out (M, N) = x (M, K) @ W.T with int8 activations, through panels repacked from the packed rows
     a few at a time (matrices too large to keep panels for)."""
-    _check_level(level)
-    cdef qm_matrix w
-    if not _describe(&w, fmt, data, scales, group_size, x.shape[1], True):
-        raise _matrix_error("streamed panel kernel", fmt, data, scales, group_size, x.shape[1])
-    _check_product(x, out, w.N, w.K, threads)
-    cdef int status
-    with nogil:
-        status = qm_streamed_panel_matmul(level, &w, &x[0, 0], x.shape[0], &out[0, 0], threads)
-    _check_status(status, "streamed panel kernel")
+    _product(STREAMED_PANELS, fmt, data, scales, group_size, x, out, threads, level)
 
 
 def float_matmul(int fmt, const uint8_t[:, ::1] data, const float[:, ::1] scales, int64_t group_size,
                  const float[:, ::1] x, float[:, ::1] out, int threads, int level):
     """out (M, N) = x (M, K) @ W.T with float32 activations (any format but f32)."""
-    _check_level(level)
-    cdef qm_matrix w
-    if not _describe(&w, fmt, data, scales, group_size, x.shape[1], False):
-        raise _matrix_error("float kernel", fmt, data, scales, group_size, x.shape[1])
-    _check_product(x, out, w.N, w.K, threads)
-    cdef int status
-    with nogil:
-        status = qm_float_matmul(level, &w, &x[0, 0], x.shape[0], &out[0, 0], threads)
-    _check_status(status, "float kernel")
+    _product(FLOATS, fmt, data, scales, group_size, x, out, threads, level)
 
 
 def panel_bytes(int64_t N, int64_t K, int level):
