@@ -372,21 +372,35 @@ class Engine:
 
         value: the event's weight relative to one training interaction (1.0); negative values push away.
         """
+        self.feedback_many([(user, item, value, event, ts)])
+
+    def feedback_many(self, events):
+        """Record [(user, item, value, event, ts), ...] as `feedback` does, atomically: every event is
+        checked first and all are stored in one transaction, so an error stores none of them."""
         start = time.perf_counter()
-        user = _as_id("user", user)
-        row = self._row("item", item, self._catalogue)
-        value = float(value)
-        if not math.isfinite(value):
-            raise ValueError(f"value must be finite, got {value}")
-        ts = time.time() if ts is None else float(ts)
-        self.state.append(user, int(item), value, event, ts)
+        now = time.time()
+        checked = []
+        for user, item, value, event, ts in events:
+            user = _as_id("user", user)
+            row = self._row("item", item, self._catalogue)
+            value = float(value)
+            if not math.isfinite(value):
+                raise ValueError(f"value must be finite, got {value}")
+            if not isinstance(event, str):
+                raise TypeError(f"event must be a string, got {type(event).__name__}")
+            ts = now if ts is None else float(ts)
+            checked.append((user, int(item), row, value, event, ts))
+        if not checked:
+            return
+        self.state.append_many([(user, item, value, event, ts) for user, item, _, value, event, ts in checked])
         with self._lock:
-            self._popularity[row] += 1.0
-            self._generation[user] += 1
-            entry = self._users.get(user)
-            if entry is not None:
-                self._users[user] = self._with_event(entry, row, value)
-        self.metrics.requests.labels("feedback").inc()
+            for user, _, row, value, _, _ in checked:
+                self._popularity[row] += 1.0
+                self._generation[user] += 1
+                entry = self._users.get(user)
+                if entry is not None:
+                    self._users[user] = self._with_event(entry, row, value)
+        self.metrics.requests.labels("feedback").inc(len(checked))
         self.metrics.stage_seconds.labels("feedback").observe(time.perf_counter() - start)
 
     def _with_event(self, entry, row, value):

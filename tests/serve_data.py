@@ -22,9 +22,9 @@ class Served:
         return self.client.post(path, json=body, headers=self.headers(role), **kwargs)
 
 
-def serve(bundle, tmp_path, limits=Limits()):
+def serve(bundle, tmp_path, limits=Limits(), state=None):
     keys = KeyStore(tmp_path / "keys.sqlite3")
     tokens = {role: keys.create(role, f"test {role}")[1] for role in ROLES}
-    engine = Engine.open(bundle)
+    engine = Engine.open(bundle, state)
     app = create_app(engine, keys, limits)
     return Served(TestClient(app, raise_server_exceptions=False), app, keys, tokens)

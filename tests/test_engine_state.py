@@ -9,8 +9,8 @@ import textwrap
 import pytest
 from engine_data import build_small
 
-from recscore.engine import Engine
-from recscore.state import SQLiteState
+from recscore.engine import Engine, UnknownItem
+from recscore.state import SQLiteState, StorageUnavailable
 
 
 @pytest.fixture
@@ -73,12 +73,45 @@ def test_forget_user_deletes_everything(bundle_path):
 def test_state_store_interface(tmp_path):
     store = SQLiteState(tmp_path / "s.sqlite3", durability="power")
     assert store._db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-    store.append(1, 10, 1.0, "click", 5.0)
-    store.append(1, 11, -1.0, "dislike", 6.0)
-    store.append(2, 10, 1.0, "click", 7.0)
+    store.append_many([(1, 10, 1.0, "click", 5.0), (1, 11, -1.0, "dislike", 6.0)])
+    store.append_many([(2, 10, 1.0, "click", 7.0)])
+    store.append_many([])
     assert store.events(1) == [(10, 1.0, "click", 5.0), (11, -1.0, "dislike", 6.0)]
     assert store.item_counts() == {10: 2, 11: 1}
     assert store.forget_user(1) == 2 and store.is_forgotten(1) and store.events(1) == []
     store.close()
     with pytest.raises(ValueError, match="durability"):
         SQLiteState(tmp_path / "t.sqlite3", durability="maybe")
+
+
+def test_append_many_stores_all_or_none(tmp_path):
+    store = SQLiteState(tmp_path / "s.sqlite3", busy_seconds=0.05)
+    store._db.execute("CREATE TRIGGER refuse BEFORE INSERT ON events WHEN NEW.item = 13"
+                      " BEGIN SELECT RAISE(ABORT, 'refused'); END")
+    with pytest.raises(sqlite3.DatabaseError, match="refused"):
+        store.append_many([(1, 10, 1.0, "click", 1.0), (1, 11, 1.0, "click", 2.0), (1, 13, 1.0, "click", 3.0)])
+    assert store.events(1) == []
+    other = sqlite3.connect(tmp_path / "s.sqlite3", isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")
+    with pytest.raises(StorageUnavailable, match="nothing was stored"):
+        store.append_many([(1, 10, 1.0, "click", 1.0)])
+    other.execute("ROLLBACK")
+    store.append_many([(1, 10, 1.0, "click", 1.0), (1, 11, 1.0, "click", 2.0)])
+    assert [e[0] for e in store.events(1)] == [10, 11]
+    store.close()
+
+
+def test_feedback_many_checks_every_event_before_storing_any(bundle_path):
+    with Engine.open(bundle_path) as engine:
+        before = engine.recommend(8, k=5).items.tolist()
+        stored = engine.state.events(8)
+        good = [(8, 1001, 1.0, "click", None), (8, 1002, 2.0, "purchase", 9.0)]
+        for bad, error in [((8, 424242, 1.0, "click", None), UnknownItem), ((8, 1003, float("nan"), "click", None), ValueError),
+                           (("8", 1003, 1.0, "click", None), TypeError), ((8, 1003, 1.0, None, None), TypeError)]:
+            with pytest.raises(error):
+                engine.feedback_many(good + [bad])
+            assert engine.state.events(8) == stored
+        assert engine.recommend(8, k=5).items.tolist() == before
+        engine.feedback_many(good)
+        assert [e[:3] for e in engine.state.events(8)[len(stored):]] == [(1001, 1.0, "click"), (1002, 2.0, "purchase")]
+        assert not {1001, 1002} & set(engine.recommend(8, k=5).items.tolist())

@@ -1,6 +1,7 @@
 """API v1 over a small bundle: endpoints, keys and roles, limits, error classes, reload, OpenAPI."""
 import json
 import shutil
+import sqlite3
 import time
 from pathlib import Path
 
@@ -11,6 +12,7 @@ from serve_data import serve
 from recscore.serve.app import Limits
 from recscore.serve.client import Client
 from recscore.serve.openapi import OPENAPI
+from recscore.state import SQLiteState
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -172,6 +174,20 @@ def test_an_unknown_item_refuses_the_whole_feedback_call(served, bundle):
     events = [{"user": 77, "item": 1005}, {"user": 77, "item": 424242}]
     assert_error(served.post("/v1/feedback", {"events": events}, "write"), 404)
     assert served.app.state.server.engine.state.events(77) == []
+
+
+def test_a_locked_database_is_503_and_stores_nothing(bundle, tmp_path):
+    state = SQLiteState(bundle / "state.sqlite3", busy_seconds=0.05)
+    s = serve(bundle, tmp_path, state=state)
+    blocker = sqlite3.connect(bundle / "state.sqlite3", isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")          # another writer holds the database
+    events = [{"user": 78, "item": 1005}, {"user": 78, "item": 1006}]
+    assert_error(s.post("/v1/feedback", {"events": events}, "write"), 503, "storage_unavailable")
+    blocker.execute("ROLLBACK")
+    assert state.events(78) == []
+    assert s.post("/v1/feedback", {"events": events}, "write").json() == {"accepted": 2}
+    assert [e[0] for e in state.events(78)] == [1005, 1006]
+    s.app.state.server.engine.close()
 
 
 def test_bad_paths_queries_and_methods(served):

@@ -300,18 +300,11 @@ def _event(raw):
             None if raw.get("ts") is None else _number("ts", raw["ts"]))
 
 
-def _record(engine, events):
-    for user, item, *_ in events:
-        engine.title(item)              # an unknown item refuses the whole call before anything is written
-    for user, item, value, event, ts in events:
-        engine.feedback(user, item, value, event, ts)
-
-
 @_endpoint("write")
 async def feedback(server, request, body):
     _fields(body, ("events",))
     events = [_event(e) for e in _list("events", body["events"], server.limits.batch)]
-    await server.call(_record, server.engine, events)
+    await server.call(server.engine.feedback_many, events)   # all or none
     return {"accepted": len(events)}
 
 

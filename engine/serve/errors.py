@@ -5,6 +5,7 @@ from starlette.exceptions import HTTPException
 from starlette.responses import JSONResponse
 
 from ..engine import FeatureUnavailable, UnknownItem
+from ..state import StorageUnavailable
 
 log = logging.getLogger("recscore.serve")
 
@@ -26,6 +27,7 @@ STATUS_OF = (
     (UnknownItem, 404, "unknown_item"),
     (FeatureUnavailable, 501, "feature_unavailable"),
     (Overloaded, 503, "overloaded"),
+    (StorageUnavailable, 503, "storage_unavailable"),
     (TimeoutError, 504, "timeout"),
     (TypeError, 422, "invalid_request"),
     (ValueError, 422, "invalid_request"),

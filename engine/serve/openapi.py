@@ -26,7 +26,7 @@ ERRORS = {
     "422": "wrong fields, types or ranges (k, batch size, text length)",
     "429": "the key's rate limit (Retry-After says when to retry)",
     "501": "the call needs a component not installed (LLM runtime, text encoder)",
-    "503": "too many requests in flight",
+    "503": "too many requests in flight, or the state database cannot take a write now (nothing was stored; retry)",
     "504": "the request took longer than the limit",
 }
 
