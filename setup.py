@@ -79,6 +79,7 @@ setup(
         "recscore.models",
         "recscore.serve",
     ],
+    package_data={"recscore.serve": ["ui.html"]},
     package_dir={
         "recscore": "engine",
         "recscore.bindings": "bindings",

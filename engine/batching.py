@@ -32,7 +32,7 @@ class MicroBatcher:
         if self._closed:
             raise RuntimeError("the batcher is closed")
         future = concurrent.futures.Future()
-        self._queue.put((future, user, (k, exclude_seen, _freeze(filters)), filters))
+        self._queue.put((future, user, (k, exclude_seen, freeze_filters(filters)), filters))
         return future
 
     def recommend(self, user, k=10, *, exclude_seen=True, filters=None, timeout=None):
@@ -93,7 +93,8 @@ class MicroBatcher:
                 future.set_result(result)
 
 
-def _freeze(filters):
+def freeze_filters(filters):
+    """A hashable key of a filters dict: requests with equal keys can share one recommend_many."""
     if not filters:
         return None
     if not isinstance(filters, dict):

@@ -52,6 +52,7 @@ class Recommendation:
     scores: np.ndarray       # float32
     timings_ms: dict         # per stage: history, score (text for text=), select, rerank (when asked), total
     source: str              # "history", "popularity" (a user with no history) or "text" (text=)
+    titles: list             # the items' titles, as the catalogue held them when they were picked
 
 
 @dataclasses.dataclass(frozen=True)
@@ -249,7 +250,9 @@ class Engine:
             self.metrics.stage[stage].observe(ms / 1e3)
         self.metrics.requests.labels("recommend").inc()
         valid = rows[0] >= 0
-        return Recommendation(catalogue.item_ids[rows[0][valid]], scores[0][valid], timings, "text")
+        picked = rows[0][valid]
+        return Recommendation(catalogue.item_ids[picked], scores[0][valid], timings, "text",
+                              [catalogue.titles[r] for r in picked])
 
     def _llm(self, feature, needs):
         """The LLM runtime, loaded here on first use when the engine was given llm="gemma3" (once, by one
@@ -305,8 +308,10 @@ class Engine:
         out = []
         for b in range(len(users)):
             valid = rows[b, :k] >= 0
-            out.append(Recommendation(catalogue.item_ids[rows[b, :k][valid]], scores[b, :k][valid], timings,
-                                      "history" if len(entries[b].rows) else "popularity"))
+            picked = rows[b, :k][valid]
+            out.append(Recommendation(catalogue.item_ids[picked], scores[b, :k][valid], timings,
+                                      "history" if len(entries[b].rows) else "popularity",
+                                      [catalogue.titles[r] for r in picked]))
         return out
 
     def _blocked_rows(self, filters, catalogue):

@@ -1,4 +1,5 @@
 """API v1 over a small bundle: endpoints, keys and roles, limits, error classes, reload, OpenAPI."""
+import asyncio
 import json
 import shutil
 import sqlite3
@@ -212,9 +213,29 @@ def test_body_size_and_request_time_limits(bundle, tmp_path):
             yield b" " * 200
     assert_error(s.client.post("/v1/recommend", content=chunks(), headers=s.headers("read")), 413)
     engine = s.app.state.server.engine
-    slow = engine.recommend
-    engine.recommend = lambda *a, **k: (time.sleep(0.5), slow(*a, **k))[1]
-    assert_error(s.post("/v1/recommend", {"user": 3}, "read"), 504, "timeout")
+    slow = engine.recommend_many        # the batch endpoint's engine call runs in a worker thread
+    engine.recommend_many = lambda *a, **k: (time.sleep(0.5), slow(*a, **k))[1]
+    assert_error(s.post("/v1/recommend/batch", {"users": [3]}, "read"), 504, "timeout")
+
+
+def test_a_body_slower_than_the_time_limit_is_408(bundle, tmp_path):
+    s = serve(bundle, tmp_path, Limits(request_seconds=0.2))
+    sent = []
+
+    async def receive():                # the body does not arrive within the limit
+        await asyncio.sleep(2)
+        return {"type": "http.request", "body": b'{"user": 3}', "more_body": False}
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "http", "method": "POST", "path": "/v1/recommend", "raw_path": b"/v1/recommend",
+             "query_string": b"", "headers": [(b"x-api-key", s.tokens["read"].encode())], "http_version": "1.1",
+             "scheme": "http", "server": ("127.0.0.1", 80), "client": ("127.0.0.1", 1), "root_path": ""}
+    start = time.perf_counter()
+    asyncio.run(s.app(scope, receive, send))
+    assert time.perf_counter() - start < 1.5
+    assert sent[0]["status"] == 408 and json.loads(sent[1]["body"])["error"] == "body_timeout"
 
 
 def test_too_many_in_flight_is_503(bundle, tmp_path):

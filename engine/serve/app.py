@@ -2,8 +2,10 @@
 
 Every /v1 request passes `_endpoint`: API key and role, the key's token bucket, the body read under a
 size and time limit and parsed strictly (UTF-8, no NaN/Infinity, bounded depth), then the engine call
-in a worker thread under the request time limit. Errors become JSON through errors.py only.
+under the request time limit: plain recommends batched on the event loop (those that arrive together
+share one batched lookup and top-k), the rest in a worker thread. Errors become JSON through errors.py only.
 """
+import asyncio
 import contextlib
 import dataclasses
 import functools
@@ -17,17 +19,20 @@ from pathlib import Path
 
 import anyio
 import anyio.to_thread
+import numpy as np
 from prometheus_client import CollectorRegistry, Counter, generate_latest
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from ..batching import freeze_filters
 from ..bundle import open_bundle
 from ..engine import Engine
 from .errors import EXCEPTION_HANDLERS, ApiError, Overloaded, error_response
 from .keys import KeyStore, role_allows
 from .openapi import OPENAPI
+from .page import ui
 
 INT64_MAX = 2 ** 63 - 1
 KEY_HEADER = "x-api-key"
@@ -42,7 +47,7 @@ class Limits:
     k: int = 1000
     text_chars: int = 1000
     json_depth: int = 16
-    request_seconds: float = 10.0       # 504 past this (the engine call), 408 for a body this slow
+    request_seconds: float = 10.0       # per request: 408 if the body is still arriving, then 504
     in_flight: int = 64                 # 503 past this many engine calls at once
     rate: float = 100.0                 # a key's requests/s unless its row says otherwise
     burst: float = 200.0                # a key's bucket size
@@ -68,6 +73,48 @@ class TokenBuckets:
             return 0.0
 
 
+class LoopBatches:
+    """Plain recommends served on the event loop, batched: the requests parsed in one pass of the loop
+    are answered by one Engine.recommend_many right after it. No timer (a lone request goes at once)
+    and no thread hop: a plain recommend is a fraction of a millisecond of mostly GIL-held work, which
+    a worker thread would only contend for with the loop."""
+
+    MAX_BATCH = 64
+
+    def __init__(self):
+        self._pending = []
+
+    def submit(self, engine, user, k, exclude_seen, filters):
+        """An asyncio Future of the Recommendation."""
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        if not self._pending:
+            loop.call_soon(self._serve)
+        self._pending.append((engine, user, k, exclude_seen, filters, future))
+        return future
+
+    def _serve(self):
+        pending, self._pending = self._pending, []
+        groups = {}
+        for request in pending:
+            engine, _, k, exclude_seen, filters, future = request
+            if not future.done():           # a caller that timed out or went away is not served
+                groups.setdefault((id(engine), k, exclude_seen, freeze_filters(filters)), []).append(request)
+        for requests in groups.values():
+            for start in range(0, len(requests), self.MAX_BATCH):
+                batch = requests[start:start + self.MAX_BATCH]
+                engine, _, k, exclude_seen, filters, _ = batch[0]
+                try:
+                    results = engine.recommend_many([r[1] for r in batch], k, exclude_seen=exclude_seen,
+                                                    filters=filters)
+                except Exception as error:  # every caller of the batch gets the error
+                    for *_, future in batch:
+                        future.set_exception(error)
+                    continue
+                for (*_, future), result in zip(batch, results):
+                    future.set_result(result)
+
+
 class Server:
     """What the endpoints share: the engine (swapped whole by a reload), keys, limits, counters."""
 
@@ -75,6 +122,7 @@ class Server:
         self.engine, self.keys, self.limits = engine, keys, limits
         self.buckets = TokenBuckets(limits.burst)
         self.reload_lock = threading.Lock()
+        self.recommends = LoopBatches()
         self.in_flight = 0
         self.registry = CollectorRegistry()
         self.http = Counter("recscore_http_requests", "HTTP requests by endpoint and status", ["endpoint", "status"],
@@ -93,19 +141,24 @@ class Server:
             raise ApiError(429, "rate_limited", f"too many requests for this key; retry in {wait:.3f} s",
                            {"Retry-After": str(max(1, math.ceil(wait)))})
 
-    async def call(self, fn, *args, **kwargs):
-        """fn(*args) in a worker thread, refused when too many are in flight, bounded in time."""
+    async def _admitted(self, start):
+        """await start(), counted in flight and refused past the limit (the time limit is _endpoint's)."""
         if self.in_flight >= self.limits.in_flight:
             raise Overloaded(f"more than {self.limits.in_flight} requests in flight; retry later")
         self.in_flight += 1
         try:
-            with anyio.fail_after(self.limits.request_seconds):
-                # abandoned on timeout: the answer goes now, the thread finishes its engine call unseen
-                return await anyio.to_thread.run_sync(functools.partial(fn, *args, **kwargs), abandon_on_cancel=True)
-        except TimeoutError:
-            raise TimeoutError(f"the request took longer than {self.limits.request_seconds} s") from None
+            return await start()
         finally:
             self.in_flight -= 1
+
+    async def call(self, fn, *args, **kwargs):
+        """fn(*args) in a worker thread; abandoned on timeout: the answer goes now, the thread finishes unseen."""
+        return await self._admitted(lambda: anyio.to_thread.run_sync(functools.partial(fn, *args, **kwargs),
+                                                                     abandon_on_cancel=True))
+
+    async def recommend(self, user, k, exclude_seen, filters):
+        """A plain recommend (no text, no rerank), batched on the event loop."""
+        return await self._admitted(lambda: self.recommends.submit(self.engine, user, k, exclude_seen, filters))
 
 
 # ---- request parsing -----------------------------------------------------------------------------
@@ -138,15 +191,11 @@ async def read_json(request, limits):
     if declared is not None and (not declared.isdigit() or int(declared) > limits.body_bytes):
         raise ApiError(413, "body_too_large", f"the body must be at most {limits.body_bytes} bytes")
     chunks, size = [], 0
-    try:
-        with anyio.fail_after(limits.request_seconds):
-            async for chunk in request.stream():
-                size += len(chunk)
-                if size > limits.body_bytes:
-                    raise ApiError(413, "body_too_large", f"the body must be at most {limits.body_bytes} bytes")
-                chunks.append(chunk)
-    except TimeoutError:
-        raise ApiError(408, "body_timeout", f"the body took longer than {limits.request_seconds} s to arrive") from None
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limits.body_bytes:
+            raise ApiError(413, "body_too_large", f"the body must be at most {limits.body_bytes} bytes")
+        chunks.append(chunk)
     try:
         text = b"".join(chunks).decode("utf-8")
     except UnicodeDecodeError as error:
@@ -226,8 +275,8 @@ def _show(value):
 
 
 def _recommendation(result):
-    return {"items": [{"item": int(i), "score": float(s) if math.isfinite(s) else None}
-                      for i, s in zip(result.items, result.scores)],
+    return {"items": [{"item": int(i), "score": float(s) if math.isfinite(s) else None, "title": t}
+                      for i, s, t in zip(result.items, result.scores, result.titles)],
             "source": result.source, "timings_ms": result.timings_ms}
 
 
@@ -241,8 +290,17 @@ def _endpoint(role):
             server = request.app.state.server
             try:
                 server.authorize(request, role)
-                body = await read_json(request, server.limits) if request.method in ("POST", "DELETE") else None
-                result = await handler(server, request, body)
+                reading = True
+                try:
+                    with anyio.fail_after(server.limits.request_seconds):   # one deadline: body, then engine call
+                        body = await read_json(request, server.limits) if request.method in ("POST", "DELETE") else None
+                        reading = False
+                        result = await handler(server, request, body)
+                except TimeoutError:
+                    if reading:
+                        raise ApiError(408, "body_timeout", f"the body took longer than "
+                                       f"{server.limits.request_seconds} s to arrive") from None
+                    raise TimeoutError(f"the request took longer than {server.limits.request_seconds} s") from None
                 response = result if isinstance(result, Response) else JSONResponse(result)
             except Exception as error:
                 response = error_response(request, error)
@@ -267,8 +325,12 @@ async def recommend(server, request, body):
     exclude_seen = body.get("exclude_seen", True)
     if not isinstance(exclude_seen, bool):
         raise _invalid("exclude_seen must be a boolean")
-    result = await server.call(server.engine.recommend, user, k, exclude_seen=exclude_seen,
-                               filters=_filters(body.get("filters"), limits), text=text, rerank=rerank)
+    filters = _filters(body.get("filters"), limits)
+    if text is None and rerank is None:
+        result = await server.recommend(user, k, exclude_seen, filters)
+    else:
+        result = await server.call(server.engine.recommend, user, k, exclude_seen=exclude_seen,
+                                   filters=filters, text=text, rerank=rerank)
     return {"user": user, **_recommendation(result)}
 
 
@@ -358,6 +420,49 @@ async def similar(server, request, body):
     items, scores = await server.call(server.engine.similar_items, item, k)
     return {"item": item, "items": [{"item": int(i), "score": float(s) if math.isfinite(s) else None}
                                     for i, s in zip(items, scores)]}
+
+
+HISTORY_EVENTS = 20       # events GET /v1/users/{user} answers unless ?limit= says otherwise
+
+
+def _history(engine, user):
+    """The user's events, oldest first, as the engine reads them: the bundle's (unless the user was
+    forgotten), then the stored feedback; [(item, value, event, ts)], event "bundle" for the bundle's."""
+    inter = engine.bundle.arrays["interactions.safetensors"]
+    item_ids = engine.bundle.arrays["catalogue.safetensors"]["item_ids"]
+    user_ids, indptr = inter["user_ids"], inter["indptr"]
+    at = int(np.searchsorted(user_ids, user))
+    events = []
+    if at < len(user_ids) and user_ids[at] == user and not engine.state.is_forgotten(user):
+        span = slice(int(indptr[at]), int(indptr[at + 1]))
+        events = [(int(item_ids[row]), float(value), "bundle", float(ts))
+                  for row, value, ts in zip(inter["items"][span], inter["values"][span], inter["times"][span])]
+    return events + [tuple(e) for e in engine.state.events(user)]
+
+
+def _title(engine, item):
+    try:
+        return engine.title(item)
+    except KeyError:                    # an item of the user's past no longer in the catalogue
+        return None
+
+
+@_endpoint("read")
+async def user_history(server, request, body):
+    raw = request.path_params["user"]
+    if not INTEGER.fullmatch(raw):
+        raise _invalid(f"user must be an integer id, got {raw[:40]!r}")
+    user = _id("user", int(raw))
+    limit = _query_int(request, "limit", HISTORY_EVENTS, 1, server.limits.k)
+    engine = server.engine
+    events = await server.call(_history, engine, user)
+    if not events:
+        raise ApiError(404, "unknown_user", f"user {user} has no events (a recommendation for them is by popularity)")
+    recent = events[::-1][:limit]
+    return {"user": user, "total": len(events),
+            "events": [{"item": item, "title": _title(engine, item), "value": value if math.isfinite(value) else None,
+                        "event": event, "ts": ts if ts is not None and math.isfinite(ts) else None}
+                       for item, value, event, ts in recent]}
 
 
 @_endpoint("read")
@@ -457,12 +562,14 @@ ROUTES = [
     Route("/v1/items", add_items, methods=["POST"]),
     Route("/v1/items", remove_items, methods=["DELETE"]),
     Route("/v1/similar/{item}", similar, methods=["GET"]),
+    Route("/v1/users/{user}", user_history, methods=["GET"]),
     Route("/v1/explain", explain, methods=["GET"]),
     Route("/v1/admin/reload", reload, methods=["POST"]),
     Route("/healthz", healthz, methods=["GET"]),
     Route("/readyz", readyz, methods=["GET"]),
     Route("/metrics", metrics, methods=["GET"]),
     Route("/openapi.json", openapi, methods=["GET"]),
+    Route("/ui", ui, methods=["GET"]),
 ]
 
 

@@ -68,6 +68,10 @@ class Client:
     def similar(self, item, k=10):
         return self._request("GET", f"/v1/similar/{int(item)}", query={"k": k})["items"]
 
+    def history(self, user, limit=20):
+        """The user's most recent events, newest first: {user, total, events: [{item, title, value, event, ts}]}."""
+        return self._request("GET", f"/v1/users/{int(user)}", query={"limit": limit})
+
     def explain(self, user, item):
         """The explanation's text: the pieces (one server-sent event each, its data lines joined by
         newlines) joined, up to the end event."""

@@ -12,8 +12,10 @@ K = {"type": "integer", "minimum": 1, "maximum": 1000, "default": 10}
 FILTERS = _obj(allow_genres={"type": "array", "items": {"type": "string"}},
                deny_genres={"type": "array", "items": {"type": "string"}})
 SCORED = {"type": "array", "items": _obj(("item", "score"), item=ID, score={"type": ["number", "null"]})}
-RECOMMENDATION = _obj(("user", "items", "source", "timings_ms"), user=ID, items=SCORED,
-                      source={"type": "string", "enum": ["history", "popularity"]},
+RECOMMENDED = {"type": "array", "items": _obj(("item", "score", "title"), item=ID, score={"type": ["number", "null"]},
+                                              title={"type": "string"})}
+RECOMMENDATION = _obj(("user", "items", "source", "timings_ms"), user=ID, items=RECOMMENDED,
+                      source={"type": "string", "enum": ["history", "popularity", "text"]},
                       timings_ms={"type": "object", "additionalProperties": {"type": "number"}})
 ERROR = _obj(("error", "detail"), error={"type": "string"}, detail={"type": "string"})
 ERRORS = {
@@ -80,6 +82,14 @@ OPENAPI = {
         "/v1/similar/{item}": {"get": _op(
             "Items an event on `item` raises most", "read", _obj(("item", "items"), item=ID, items=SCORED),
             parameters=[_query("item", ID, True, "path"), _query("k", K)])},
+        "/v1/users/{user}": {"get": _op(
+            "A user's most recent events, newest first: the bundle's (event \"bundle\") and the feedback stored since",
+            "read", _obj(("user", "total", "events"), user=ID, total={"type": "integer"}, events={
+                "type": "array", "items": _obj(("item", "title", "value", "event", "ts"), item=ID,
+                                               title={"type": ["string", "null"]}, value={"type": ["number", "null"]},
+                                               event={"type": "string"}, ts={"type": ["number", "null"]})}),
+            parameters=[_query("user", ID, True, "path"),
+                        _query("limit", {"type": "integer", "minimum": 1, "maximum": 1000, "default": 20})])},
         "/v1/explain": {"get": {**_op(
             "Why `item` suits `user`, streamed as the LLM generates it: one server-sent event a piece of text "
             "(its data lines joined by newlines), then event: end",
@@ -95,9 +105,12 @@ OPENAPI = {
                                   _obj(("status",), status={"type": "string"}, items={"type": "integer"}))},
         "/metrics": {"get": _plain("Prometheus metrics", "text/plain", {"type": "string"})},
         "/openapi.json": {"get": _plain("This description", "application/json", {"type": "object"})},
+        "/ui": {"get": _plain("The live page (HTML; its API calls send the key typed into it)", "text/html",
+                              {"type": "string"})},
     },
 }
 OPENAPI["paths"]["/v1/explain"]["get"]["responses"]["200"]["content"] = {"text/event-stream": {"schema": {"type": "string"}}}
+OPENAPI["paths"]["/v1/users/{user}"]["get"]["responses"]["404"]["description"] = "unknown user (no events)"
 
 if __name__ == "__main__":
     print(json.dumps(OPENAPI, indent=1))
