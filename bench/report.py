@@ -52,7 +52,8 @@ def _load():
         machine = data["machine"]
         group, _, level = path.stem.partition("-")
         runs.append({"group": group, "level": level or machine.get("cpu_level"), "file": path.name,
-                     "machine": machine, "rows": data["rows"], "budget_s": data.get("budget_s")})
+                     "machine": machine, "rows": data["rows"], "budget_s": data.get("budget_s"),
+                     "targets": data.get("targets"), "bundle": data.get("bundle")})
     order = {prefix: i for i, (prefix, _) in enumerate(FAMILIES)}
     runs.sort(key=lambda r: (order.get(r["group"], len(order)),
                              LEVEL_ORDER.index(r["level"]) if r["level"] in LEVEL_ORDER else len(LEVEL_ORDER)))
@@ -93,7 +94,7 @@ def _gaps(runs):
             if r.get("target") and not r.get("met"):
                 lines.append(f"- {run['group']} at {_where(run)}: {r['name']} ({r['ours']} vs {r['peer']}): "
                              f"{r['ratio_median']:.2f}x against a target of {r['target']:g}x")
-    return "\n".join(lines) if lines else "No recorded case misses its target."
+    return lines
 
 
 def markdown_table(rows):
@@ -134,18 +135,57 @@ def _cold_start(run):
     return "\n".join(lines)
 
 
+def _serve_gaps(run):
+    """bench/serve_load.py's targets a run misses: (what, figure, target) lines."""
+    targets, gaps = run["targets"], []
+    for r in run["rows"]:
+        if r["ratio"] < targets["ratio"]:
+            gaps.append(f"{r['clients']} clients: recommend at {r['ratio']:.2f} of the constant body's req/s "
+                        f"against a target of {targets['ratio']:g}")
+        if r["clients"] == 8 and r["recommend_p99_ms"] > targets["p99_ms_at_8"]:
+            gaps.append(f"8 clients: p99 {r['recommend_p99_ms']:.1f} ms against a target of {targets['p99_ms_at_8']:g} ms")
+    return gaps
+
+
+def _serve(run):
+    """bench/serve_load.py's table: req/s and latency of recommend and of a constant body, same server."""
+    m = run["machine"]
+    lines = [f"_{_where(run)}; {m.get('cpus')} CPUs shared by the server and the load generator; {m['server']}, "
+             f"one worker, bundle {run['bundle']}; measured {m.get('date')}; raw numbers `bench/results/{run['file']}`; "
+             f"method and analysis: `bench/notes/serve.md`._\n",
+             "| clients | recommend req/s | p50 ms | p99 ms | constant body req/s | p50 ms | p99 ms | ratio |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in run["rows"]:
+        lines.append(f"| {r['clients']} | {r['recommend_rps']:,.0f} | {r['recommend_p50_ms']:.2f} | "
+                     f"{r['recommend_p99_ms']:.2f} | {r['constant_rps']:,.0f} | {r['constant_p50_ms']:.2f} | "
+                     f"{r['constant_p99_ms']:.2f} | {r['ratio']:.2f} |")
+    gaps = _serve_gaps(run)
+    lines.append("\nTargets: ratio >= {ratio:g} of the constant body's req/s, p99 <= {p99_ms_at_8:g} ms at 8 clients: "
+                 .format(**run["targets"]) + ("met." if not gaps else "not met: " + "; ".join(gaps) + "."))
+    return "\n".join(lines)
+
+
+# Groups with a table of their own (not ratios against a peer): group -> (title, renderer).
+OWN_TABLES = {"serve": ("Service (`recscore serve`)", _serve), "cold_start": ("Cold start", _cold_start)}
+
+
 def render():
     runs = _load()
-    cold_starts = [run for run in runs if run["group"] == "cold_start"]
-    runs = [run for run in runs if run["group"] != "cold_start"]
-    parts = [INTRO, "## Summary\n", _summary(runs), "\n## Targets not met\n", _gaps(runs)]
+    own = [run for run in runs if run["group"] in OWN_TABLES]
+    runs = [run for run in runs if run["group"] not in OWN_TABLES]
+    gaps = _gaps(runs) + [f"- serve at {_where(run)}: {gap}" for run in own if run["group"] == "serve"
+                          for gap in _serve_gaps(run)]
+    parts = [INTRO, "## Summary\n", _summary(runs), "\n## Targets not met\n",
+             "\n".join(gaps) or "No recorded case misses its target."]
     titles = dict(FAMILIES)
     for run in runs:
         parts.append(f"\n## {titles.get(run['group'], run['group'])}: {_where(run)}\n")
         parts.append(_table(run))
-    for run in cold_starts:
-        parts.append(f"\n## Cold start: {_where(run)}\n")
-        parts.append(_cold_start(run))
+    for group, (title, renderer) in OWN_TABLES.items():
+        for run in own:
+            if run["group"] == group:
+                parts.append(f"\n## {title}: {_where(run)}\n")
+                parts.append(renderer(run))
     return "\n".join(parts) + "\n"
 
 

@@ -1,8 +1,10 @@
 """A bounded loopback load test of POST /v1/recommend: N concurrent keep-alive clients (asyncio, raw
 HTTP/1.1, so the client costs little of the 2 cores it shares with the server), each level bounded in
-requests and seconds. Notes: bench/notes/serve.md.
+requests and seconds. The recommend server and the same server answering a constant JSON body
+(bench/serve_constant.py: the framework's ceiling) run side by side, levels alternating between them.
+`--record` writes bench/results/serve.json and rewrites RESULTS.md. Notes: bench/notes/serve.md.
 
-    python -m bench.serve_load /tmp/ml-bundle [--server uvicorn|granian] [--constant]
+    python -m bench.serve_load /tmp/ml-bundle [--server uvicorn|granian] [--record]
 """
 import argparse
 import asyncio
@@ -20,9 +22,12 @@ from recscore.serve.app import BUNDLE_ENV, KEYS_ENV
 from recscore.serve.keys import KEYS_FILE, KeyStore
 
 CONCURRENCY = (1, 8, 64)
-REQUESTS_PER_LEVEL = 4000
-SECONDS_PER_LEVEL = 10.0
+REQUESTS_PER_LEVEL = 40000
+SECONDS_PER_LEVEL = 3.0
+ROUNDS = 3                  # each level run this many times per app, alternating; the median run is kept
 MOVIELENS_USERS = 610
+TARGET_RATIO = 0.6          # recommend req/s over constant req/s (issue 20)
+TARGET_P99_MS_AT_8 = 20.0
 
 
 def free_port():
@@ -90,24 +95,44 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("bundle")
     parser.add_argument("--server", choices=("uvicorn", "granian"), default="uvicorn")
-    parser.add_argument("--constant", action="store_true", help="the constant-body app (bench/serve_constant.py)")
+    parser.add_argument("--record", action="store_true", help="write bench/results/serve.json, rewrite RESULTS.md")
     args = parser.parse_args()
     keys = KeyStore(os.path.join(args.bundle, KEYS_FILE))
     _, token = keys.create("read", "bench", rate=1e9)
     env = dict(os.environ, **{BUNDLE_ENV: args.bundle, KEYS_ENV: keys.path})
-    app = "bench.serve_constant:app" if args.constant else "recscore.serve.app:app_from_env"
-    port = free_port()
-    process = start_server(args.server, app, port, env)
+    apps = {"recommend": "recscore.serve.app:app_from_env", "constant": "bench.serve_constant:app"}
+    ports = {name: free_port() for name in apps}
+    processes = [start_server(args.server, app, ports[name], env) for name, app in apps.items()]
+    rows = []
     try:
-        asyncio.run(level(port, token, 8))                  # warm-up: users' rows, kernels' first calls
+        for name in apps:
+            asyncio.run(level(ports[name], token, 8))    # warm-up: users' rows, kernels' first calls
         for concurrency in CONCURRENCY:
-            row = asyncio.run(level(port, token, concurrency))
-            print(f"{args.server:8s} {'constant' if args.constant else 'recommend':9s} c={concurrency:3d} "
-                  f"{row['requests']:6d} req {row['rps']:8.0f} req/s  p50 {row['p50_ms']:7.2f} ms  "
-                  f"p99 {row['p99_ms']:7.2f} ms", flush=True)
+            runs = {name: [] for name in apps}
+            for _ in range(ROUNDS):
+                for name in apps:
+                    runs[name].append(asyncio.run(level(ports[name], token, concurrency)))
+            median = {name: sorted(r, key=lambda run: run["rps"])[len(r) // 2] for name, r in runs.items()}
+            row = {"server": args.server, "clients": concurrency,
+                   **{f"{name}_{key}": median[name][key] for name in apps for key in ("rps", "p50_ms", "p99_ms")},
+                   "ratio": median["recommend"]["rps"] / median["constant"]["rps"]}
+            rows.append(row)
+            print(f"{args.server} c={concurrency:3d}  recommend {row['recommend_rps']:7.0f} req/s p50 "
+                  f"{row['recommend_p50_ms']:6.2f} p99 {row['recommend_p99_ms']:6.2f} ms | constant "
+                  f"{row['constant_rps']:7.0f} req/s p50 {row['constant_p50_ms']:6.2f} p99 "
+                  f"{row['constant_p99_ms']:6.2f} ms | ratio {row['ratio']:.2f}", flush=True)
     finally:
-        process.terminate()
-        process.wait()
+        for process in processes:
+            process.terminate()
+            process.wait()
+    if args.record:
+        from bench import report
+        from bench.protocol import machine_info
+        machine = dict(machine_info(), server=args.server)
+        (report.RESULTS_DIR / "serve.json").write_text(json.dumps(
+            {"machine": machine, "targets": {"ratio": TARGET_RATIO, "p99_ms_at_8": TARGET_P99_MS_AT_8},
+             "bundle": os.path.basename(os.path.normpath(args.bundle)), "rows": rows}, indent=1))
+        report.write()
 
 
 if __name__ == "__main__":

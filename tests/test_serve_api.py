@@ -191,6 +191,19 @@ def test_a_locked_database_is_503_and_stores_nothing(bundle, tmp_path):
     s.app.state.server.engine.close()
 
 
+def test_a_full_database_is_503_and_stores_nothing(bundle, tmp_path):
+    state = SQLiteState(bundle / "state.sqlite3")
+    s = serve(bundle, tmp_path, state=state)
+    pages = state._db.execute("PRAGMA page_count").fetchone()[0]
+    state._db.execute(f"PRAGMA max_page_count = {pages}")   # no page left: what a full disk looks like to SQLite
+    events = [{"user": 79, "item": 1005, "event": "x" * 64}] * 200
+    assert_error(s.post("/v1/feedback", {"events": events}, "write"), 503, "storage_unavailable")
+    assert state.events(79) == []
+    state._db.execute("PRAGMA max_page_count = 1073741823")
+    assert s.post("/v1/feedback", {"events": events}, "write").json() == {"accepted": 200}
+    s.app.state.server.engine.close()
+
+
 def test_bad_paths_queries_and_methods(served):
     h = served.headers("read")
     assert_error(served.client.get("/v1/similar/424242", headers=h), 404, "unknown_item")
