@@ -31,8 +31,8 @@ from .state import SQLiteState
 
 STATE_FILE = "state.sqlite3"        # default state store, beside the bundle's files
 USER_CACHE_SIZE = 100_000           # users whose history and pooled row stay in memory
-RERANK_CANDIDATES = 30              # candidates the LLM re-ranks (at least k)
-RERANK_WEIGHT = 0.5                 # share of the LLM's standardised score in the blend
+RERANK_CANDIDATES = 20              # candidates the LLM re-ranks (at least k)
+RERANK_WEIGHT = 0.2                 # share of the LLM's standardised score: best on validation (bench/rerank_quality.py)
 EXPLAIN_TOKENS = 60
 LLM_RUNTIMES = ("gemma3",)          # llm= names the engine loads itself, on first use
 FILTER_KEYS = ("allow_genres", "deny_genres")
