@@ -7,6 +7,7 @@ the raw numbers. Investigations, probes and A/B histories live in bench/notes/, 
 """
 import json
 import statistics
+import sys
 from pathlib import Path
 
 BENCH_DIR = Path(__file__).resolve().parent
@@ -49,15 +50,28 @@ def _load():
     runs = []
     for path in sorted(RESULTS_DIR.glob("*.json")):
         data = json.loads(path.read_text())
+        if isinstance(data, dict) and "measured" in data and "machine" not in data:
+            data = dict(data, machine=_ray_machine(data), rows=[])   # bench/distributed.py's own shape
+        if not isinstance(data, dict) or "machine" not in data or "rows" not in data:
+            print(f"bench.report: {path.name} is not in the protocol's shape (machine, rows): not on the page",
+                  file=sys.stderr)
+            continue
         machine = data["machine"]
         group, _, level = path.stem.partition("-")
         runs.append({"group": group, "level": level or machine.get("cpu_level"), "file": path.name,
                      "machine": machine, "rows": data["rows"], "budget_s": data.get("budget_s"),
-                     "targets": data.get("targets"), "bundle": data.get("bundle")})
+                     "targets": data.get("targets"), "bundle": data.get("bundle"), "data": data})
     order = {prefix: i for i, (prefix, _) in enumerate(FAMILIES)}
     runs.sort(key=lambda r: (order.get(r["group"], len(order)),
                              LEVEL_ORDER.index(r["level"]) if r["level"] in LEVEL_ORDER else len(LEVEL_ORDER)))
     return runs
+
+
+def _ray_machine(data):
+    """bench/distributed.py records the machine inside its measurements."""
+    m = data["measured"]["machine"]
+    return {"cpu_model": m["model"], "cpu_level": m["level"], "machine": m["machine"], "cpus": m["cores"],
+            "date": data["measured"]["measured_at"]}
 
 
 def _where(run):
@@ -165,23 +179,122 @@ def _serve(run):
     return "\n".join(lines)
 
 
-# Groups with a table of their own (not ratios against a peer): group -> (title, renderer).
-OWN_TABLES = {"serve": ("Service (`recscore serve`)", _serve), "cold_start": ("Cold start", _cold_start)}
+def _engine_gaps(run):
+    """bench/compare_engine.py's rows that miss their targets: one line each."""
+    gaps = []
+    for r in run["rows"]:
+        if r.get("met") is not False:
+            continue
+        where = f"{r.get('bundle', 'MovieLens')}: {r.get('name') or r.get('model')}"
+        if r["kind"] == "quality":
+            gaps.append(f"{r['model']}: " + ", ".join(f"{m} {r[m][0]:.3f} (target {t:g})" for m, t in r["target"].items()
+                                                      if r[m][0] < t))
+        elif r["kind"] == "scan":
+            gaps.append(f"{where}: p50 {r['p50_ms']:.2f} ms, {r['of_floor_median']:.2f}x the scan's floor (index bytes / "
+                        f"read bandwidth, {r['floor_ms']:.2f} ms) against a target of {r['target']['of_floor_median']:g}x "
+                        f"(bare topk {r['bare_topk_p50_ms']:.2f} ms)")
+        elif r["kind"] == "latency":
+            gaps.append(f"{where}: " + ", ".join(f"{key.replace('_ms', '')} {r[key]:.3f} ms (target {limit:.3g} ms)"
+                                                 for key, limit in r["target"].items() if r[key] > limit))
+        else:
+            ceiling = f" (measured ceiling {r['ceiling_ratio']:.2f}x)" if r.get("ceiling_ratio") else ""
+            gaps.append(f"{where}: {r['ratio_median']:.2f}x against a target of {r['target']:g}x{ceiling}")
+    return gaps
+
+
+def _engine(run):
+    """bench/compare_engine.py's tables: latency, the 1M-item scan against its floor, batching, the peer
+    pipeline, and `recscore eval`'s quality."""
+    m, rows = run["machine"], run["rows"]
+    yes = {None: "", True: "yes", False: "**no**"}
+    lines = [f"_{_where(run)}; {m.get('cpus')} CPUs, {m.get('threads')} threads; bundles: {run['bundle']}; "
+             f"measured {m.get('date')}; raw numbers `bench/results/{run['file']}`; "
+             f"method and analysis: `bench/notes/engine.md`._\n",
+             "| bundle | case | p50 ms | p99 ms | target | met |", "|---|---|---:|---:|---|---|"]
+    for r in rows:
+        if r["kind"] == "latency":
+            target = ", ".join(f"{k.replace('_ms', '')} <= {v:g} ms" for k, v in (r.get("target") or {}).items())
+            lines.append(f"| {r['bundle']} | {r['name']} | {r['p50_ms']:.3f} | {r['p99_ms']:.3f} | {target} | "
+                         f"{yes[r.get('met')]} |")
+    for r in rows:
+        if r["kind"] == "scan":
+            lines.append(f"| {r['bundle']} | {r['name']}: {r['of_floor_median']:.2f}x ({r['of_floor_min']:.2f}-"
+                         f"{r['of_floor_max']:.2f}) the scan's floor, index {r['corpus_bytes'] / 1e6:.0f} MB / "
+                         f"{r['read_gbps']:.1f} GB/s (torch sum, median of the run) = {r['floor_ms']:.2f} ms; bare topk "
+                         f"{r['bare_topk_p50_ms']:.2f} ms | {r['p50_ms']:.3f} | {r['p99_ms']:.3f} | p50 <= "
+                         f"{r['target']['of_floor_median']:g}x the floor | {yes[r.get('met')]} |")
+    lines += ["", "| bundle | clients | ours | req/s | p99 ms | against | req/s | p99 ms | ratio median (min-max) | "
+              "same items | ceiling | target | met |", "|---|---|---|---:|---:|---|---:|---:|---|---|---:|---:|---|"]
+    for r in rows:
+        if r["kind"] == "batching":
+            ours, peer, same = "micro-batched", "unbatched Engine.recommend", ""
+        elif r["kind"] == "peer":
+            ours, peer = r["ours"], r["peer"]
+            same = f"{r['same_lists']}/{r['checked']} lists (overlap {r['mean_overlap']:.3f})"
+        else:
+            continue
+        lines.append(f"| {r['bundle']} | {r['name']} | {ours} | {r['a_rps']:,.0f} | {r['a_p99_ms']:.2f} | {peer} | "
+                     f"{r['b_rps']:,.0f} | {r['b_p99_ms']:.2f} | {_ratio(r)} | {same} | "
+                     f"{'%.2fx' % r['ceiling_ratio'] if r.get('ceiling_ratio') else ''} | {r['target']:g}x | "
+                     f"{yes[r.get('met')]} |")
+    lines += ["", "Ceiling: for batching, 8 x the bare `topk` of one query / the bare `topk` of 8 queries at once (what "
+              "coalescing can gain at most); for the peer at one client, the peer's p50 / the scan's floor (index bytes / "
+              "read bandwidth) or the bare `topk`, whichever is less: our request cannot take less."]
+    lines += ["", "`recscore eval` on MovieLens latest-small (each user's last 20% held out, full ranking; mean "
+              "[bootstrap 95% interval over users]):", "",
+              "| model | recall@20 | NDCG@20 | coverage@20 | met |", "|---|---|---|---:|---|"]
+    for r in rows:
+        if r["kind"] == "quality":
+            cell = lambda v: f"{v[0]:.3f} [{v[1]:.3f}, {v[2]:.3f}]"  # noqa: E731
+            lines.append(f"| {r['model']} | {cell(r['recall@20'])} | {cell(r['ndcg@20'])} | {r['coverage@20'][0]:.3f} | "
+                         f"{yes[r.get('met')]} |")
+    t = run["targets"]
+    gaps = _engine_gaps(run)
+    lines.append(f"\nTargets: MovieLens recommend p50 <= {t['ml_p50_ms']:g} ms and p99 <= {t['ml_p99_ms']:g} ms; feedback "
+                 f"p99 <= {t['feedback_p99_ms']:g} ms; 1M items p50 <= {t['scan_factor']:g}x index bytes / read "
+                 f"bandwidth; micro-batching >= {t['batching_ratio']:g}x unbatched at 8 threads; >= "
+                 f"{t['peer_ratio']:g}x the peer pipeline at 1 and 8 threads; recall@20 >= {t['recall@20']:g}, "
+                 f"NDCG@20 >= {t['ndcg@20']:g}, coverage@20 >= {t['coverage@20']:g}: "
+                 + ("met." if not gaps else "not met: " + "; ".join(gaps) + "."))
+    return "\n".join(lines)
+
+
+RAY_THROUGHPUT_TARGET = 0.7    # sharded over single-process queries/s at B = 64 (issue 21)
+
+
+def _distributed_gaps(run):
+    cases = run["data"]["measured"]["cases"]
+    return [f"{dtype}: {'answers differ from one machine; ' if not c['identical'] else ''}sharded throughput "
+            f"{c['throughput_ratio']:.2f}x of one process against a target of {RAY_THROUGHPUT_TARGET:g}x"
+            for dtype, c in cases.items() if not c["identical"] or c["throughput_ratio"] < RAY_THROUGHPUT_TARGET]
+
+
+def _distributed(run):
+    """bench/distributed.py's section (measured, then projected), without its own heading."""
+    from bench.distributed import markdown
+    return markdown(run["data"]).split("\n", 2)[2]
+
+
+# Groups with a table of their own (not ratios against a peer): group -> (title, renderer, unmet targets).
+OWN_TABLES = {"serve": ("Service (`recscore serve`)", _serve, _serve_gaps),
+              "engine": ("Engine (`recscore.Engine`)", _engine, _engine_gaps),
+              "distributed": ("Scale-out on Ray (`recscore.distributed`)", _distributed, _distributed_gaps),
+              "cold_start": ("Cold start", _cold_start, lambda run: [])}
 
 
 def render():
     runs = _load()
     own = [run for run in runs if run["group"] in OWN_TABLES]
     runs = [run for run in runs if run["group"] not in OWN_TABLES]
-    gaps = _gaps(runs) + [f"- serve at {_where(run)}: {gap}" for run in own if run["group"] == "serve"
-                          for gap in _serve_gaps(run)]
+    gaps = _gaps(runs) + [f"- {run['group']} at {_where(run)}: {gap}" for run in own
+                          for gap in OWN_TABLES[run["group"]][2](run)]
     parts = [INTRO, "## Summary\n", _summary(runs), "\n## Targets not met\n",
              "\n".join(gaps) or "No recorded case misses its target."]
     titles = dict(FAMILIES)
     for run in runs:
         parts.append(f"\n## {titles.get(run['group'], run['group'])}: {_where(run)}\n")
         parts.append(_table(run))
-    for group, (title, renderer) in OWN_TABLES.items():
+    for group, (title, renderer, _) in OWN_TABLES.items():
         for run in own:
             if run["group"] == group:
                 parts.append(f"\n## {title}: {_where(run)}\n")

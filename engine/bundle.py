@@ -202,6 +202,28 @@ def build(catalogue, events, out_dir, *, value_range=None, malformed=0, config=N
     return json.loads((Path(out_dir) / MANIFEST).read_text())
 
 
+def build_factor_bundle(catalogue, events, item_vectors, out_dir, *, config=None, value_range=None, log=print):
+    """A bundle served by given item vectors alone (scorer "puresvd", no EASE: an empty support), for
+    catalogues where the N x N item-item models and the dense PureSVD fit cannot be built (1M items).
+    item_vectors: float32 (N, d), rows in catalogue order. config.index_dtype picks the rows the index
+    scans ("fp32" or "int8"). Returns the manifest."""
+    import dataclasses
+
+    config = dataclasses.replace(config or train.ServingConfig(), scorer="puresvd")
+    vectors = np.ascontiguousarray(item_vectors, np.float32)
+    if vectors.ndim != 2 or len(vectors) != len(catalogue.ids) or not np.isfinite(vectors).all():
+        raise ValueError(f"item_vectors must be finite, one row per item ({len(catalogue.ids)}), got {vectors.shape}")
+    (users, items, values, times), report = clean_events(*events, catalogue, value_range)
+    if report["kept"] == 0:
+        raise ValueError("no events left after cleaning")
+    user_ids, interactions = interactions_of(users, items, values, times, catalogue)
+    write_bundle(out_dir, catalogue, user_ids, interactions, vectors, np.zeros(0, np.int64),
+                 np.zeros((0, 0), np.float32), config, report)
+    log(f"factor bundle written to {out_dir}: {len(user_ids):,} users, {len(catalogue.ids):,} items, "
+        f"{len(interactions.items):,} events, d = {vectors.shape[1]}, index rows {config.index_dtype}")
+    return json.loads((Path(out_dir) / MANIFEST).read_text())
+
+
 def write_bundle(out_dir, catalogue, user_ids, interactions, vectors, columns, weights, config, report,
                  validation=None, text_vectors=None):
     out = Path(out_dir)

@@ -126,11 +126,12 @@ class FactorScorer:
 
     kind = "factors"
 
-    def __init__(self, vectors, decay, max_history, live_rows=None):
+    def __init__(self, vectors, decay, max_history, live_rows=None, dtype="fp32"):
+        """dtype: the index's item rows ("int8": a quarter of the bytes per scan; user vectors stay float32)."""
         self.table = RowBuffer(vectors)
         self.decay = float(decay)
         self.max_history = int(max_history)
-        self.index = ItemIndex(self.table.view().shape[1], metric="ip")
+        self.index = ItemIndex(self.table.view().shape[1], metric="ip", dtype=dtype)
         rows = np.arange(len(vectors), dtype=np.int64) if live_rows is None else np.asarray(live_rows, np.int64)
         self.index.add(rows, self.table.view()[rows])
 
@@ -169,7 +170,7 @@ def scorer_for(config, item_vectors, ease_columns, ease_weights):
     """The scorer a train.ServingConfig describes, over these fitted models."""
     from .train import blend_matrix
     if config.scorer == "puresvd":
-        return FactorScorer(item_vectors, config.decay, config.max_history)
+        return FactorScorer(item_vectors, config.decay, config.max_history, dtype=config.index_dtype)
     if config.scorer != "blend":
         raise ValueError(f"scorer must be 'blend' or 'puresvd', got {config.scorer!r}")
     matrix = blend_matrix(item_vectors, ease_weights, ease_columns, config.ease_weight, config.svd_weight)

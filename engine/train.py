@@ -132,6 +132,7 @@ class ServingConfig:
     svd_weight: float = 1.0
     decay: float = 0.9
     max_history: int = 64
+    index_dtype: str = "fp32"   # "puresvd": the item rows its index scans ("fp32" or "int8", kernels' row dtypes)
 
     def as_dict(self):
         return dataclasses.asdict(self)
