@@ -36,12 +36,12 @@ static const tks_level *tks_level_at(int level)
                                    : &tks_level_baseline;
 }
 
-/* Corpus rows a tile at `level` for B queries of dim values: whole register blocks (panels) or
- * groups (one query at a time). */
-static int64_t tks_tile_rows(int level, int64_t B, int64_t dim)
+/* Corpus rows a tile at `level` for B queries of dim values over `kind` rows: whole register blocks
+ * (panels) or groups (one query at a time). */
+static int64_t tks_tile_rows(int level, int kind, int64_t B, int64_t dim)
 {
     const tks_level *lv = tks_level_at(level);
-    const int64_t unit = B < TKS_ROWS_BELOW ? lv->lanes : lv->block_rows;
+    const int64_t unit = B < tks_rows_below(kind) ? lv->lanes : lv->block_rows;
     const int64_t rows = TKS_TILE_BYTES / (4 * (dim > 0 ? dim : 1)) / unit * unit;
     return rows > unit ? rows : unit;
 }
@@ -209,7 +209,7 @@ static void tks_merge_query(const tks_call *call, const tks_thread *threads, int
  * queries (B, dim), B >= 1. excl_ptr: NULL or the exclusion CSR as given: (B + 1) offsets into
  * excl_ids, query q's excluded ids (any order, repeats allowed) at excl_ptr[q] .. excl_ptr[q + 1]
  * (offsets validated by the caller; ids outside [0, n_rows) are ignored). int8_bound: the integer
- * pre-selection of int8 rows for B < TKS_ROWS_BELOW (0 scores every group in float).
+ * pre-selection of int8 rows for B < tks_rows_below(TKS_INT8) (0 scores every group in float).
  * Out: scores (B, k) float32 and ids (B, k) int64, best first. n_rows < 2**32 (ids are 32 bits in
  * the keys). Returns RS_OK, RS_ERR_LEVEL (a level this CPU lacks: nothing runs), RS_ERR_MEMORY or
  * TKS_ERR_NON_FINITE (a score came out NaN or inf; outputs unset). */
@@ -289,11 +289,11 @@ static int tks_topk(int level, int kind, const void *rows, const float *scale, c
         return RS_ERR_LEVEL;
     const tks_level *lv = tks_level_at(level);
     const int64_t lanes = lv->lanes, n_panels = (B + lanes - 1) / lanes, width = n_panels * lanes;
-    const int64_t tile_rows = tks_tile_rows(level, B, dim), n_tiles = (n_rows + tile_rows - 1) / tile_rows;
+    const int64_t tile_rows = tks_tile_rows(level, kind, B, dim), n_tiles = (n_rows + tile_rows - 1) / tile_rows;
     const int64_t n_chunks = n_tiles < TKS_CHUNKS_PER_THREAD * num_threads ? n_tiles : TKS_CHUNKS_PER_THREAD * num_threads;
     const int64_t tiles_per_chunk = n_chunks > 0 ? (n_tiles + n_chunks - 1) / n_chunks : 0;
     const int64_t cap = 2 * k + 16;
-    const int codes_bound = int8_bound && kind == TKS_INT8 && B < TKS_ROWS_BELOW;
+    const int codes_bound = int8_bound && kind == TKS_INT8 && B < tks_rows_below(kind);
     const int64_t q16_stride = (dim + TKS_QUANT_ALIGN - 1) / TKS_QUANT_ALIGN * TKS_QUANT_ALIGN + TKS_QUANT_ALIGN;
     float *qpanels = malloc(sizeof(float) * (size_t)(width * dim + lanes));
     float *qstats = malloc(sizeof(float) * (size_t)(3 * width + B * lanes));   /* |q|^2, |q|, sum of q; qtail */

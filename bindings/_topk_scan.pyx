@@ -11,7 +11,7 @@ cdef extern from "_topk_scan.h" nogil:
     int TKS_IP, TKS_COSINE, TKS_L2, TKS_METRICS
     int rs_cpu_level()
     int rs_level_ok(int level)
-    int64_t tks_tile_rows(int level, int64_t B, int64_t dim)
+    int64_t tks_tile_rows(int level, int kind, int64_t B, int64_t dim)
     int tks_topk(int level, int kind, const void *rows, const float *scale, const float *bias, int64_t n_rows,
                  int64_t dim, const float *queries, int64_t B, int metric, int64_t k, const int64_t *excl_ptr,
                  const int64_t *excl_ids, int int8_bound, int num_threads, float *scores_out, int64_t *ids_out)
@@ -22,10 +22,10 @@ cdef _check_level(int level):
         raise ValueError(f"topk scan: CPU level {level} is not one this CPU runs (0 .. {rs_cpu_level()})")
 
 
-def tile_rows(int level, int64_t B, int64_t dim):
-    """Corpus rows a tile of the scan at `level` for B queries of dim values."""
+def tile_rows(int level, int kind, int64_t B, int64_t dim):
+    """Corpus rows a tile of the scan at `level` for B queries of dim values over rows of dtype code `kind`."""
     _check_level(level)
-    return tks_tile_rows(level, B, dim)
+    return tks_tile_rows(level, kind, B, dim)
 
 
 def scan(int level, int kind, rows, const float[::1] scale, const float[::1] bias, const float[:, ::1] queries,
@@ -40,7 +40,7 @@ def scan(int level, int kind, rows, const float[::1] scale, const float[::1] bia
     codes of int8 ((N, d)) / int4 ((N, (d + 1) // 2)) with scale, bias (N,); else scale and bias are empty.
     excl_ptr (B + 1) / excl_ids: the exclusion CSR (query q's ids, any order, at excl_ids[excl_ptr[q]:excl_ptr[q + 1]];
     ids outside [0, N) are ignored), or excl_ptr of length 0 for none.
-    int8_bound: int8 rows with fewer than 8 queries skip groups by an exact integer bound (off: all scored in float).
+    int8_bound: int8 rows with fewer than 11 queries skip groups by an exact integer bound (off: all scored in float).
     """
     _check_level(level)
     cdef const float[:, ::1] rows_f32

@@ -5,7 +5,7 @@
  *
  * Scores go straight into each query's running top-k, never into a (B, N) matrix:
  *
- * - B >= TKS_ROWS_BELOW: queries in panels of VF_LANES (prepared by the driver); a register block
+ * - B >= tks_rows_below(kind): queries in panels of VF_LANES (prepared by the driver); a register block
  *   multiplies TKS_ROWS(np) corpus rows by np <= TKS_NP panels (an outer product: per dimension np
  *   panel loads, a broadcast of one value a row, rows * np FMAs). A score vector then holds one
  *   row against VF_LANES queries, so the selection is one compare with those queries' thresholds;
@@ -36,7 +36,10 @@
 enum { TKS_FP32 = RS_DTYPE_FP32, TKS_FP16 = RS_DTYPE_FP16, TKS_BF16 = RS_DTYPE_BF16, TKS_INT8 = RS_DTYPE_INT8,
        TKS_INT4 = RS_DTYPE_INT4, TKS_DTYPES = RS_DTYPES };
 enum { TKS_IP = RS_METRIC_IP, TKS_COSINE = RS_METRIC_COSINE, TKS_L2 = RS_METRIC_L2, TKS_METRICS = RS_METRICS };
-#define TKS_ROWS_BELOW 8   /* fewer queries than this: one query at a time against groups of rows */
+/* Fewer queries than this go one query at a time against groups of rows, more in panels. int8 rows are
+ * scored on their codes there (the integer bound), which beats widening them to float32 for the
+ * panels up to ~10 queries; float32 rows reach the panels' speed from 5 (bench/notes/cpu-topk.md). */
+static inline int64_t tks_rows_below(int kind) { return kind == TKS_INT8 ? 11 : 5; }
 #define TKS_MAX_LANES 16   /* exclusion bitmaps hold a panel's query bits in a uint16 */
 #define TKS_QUANT_ALIGN 64 /* int16 query rows are padded with zeros to a multiple of this */
 #define TKS_LOW32 0xFFFFFFFFLL
@@ -103,7 +106,7 @@ typedef struct {
     const float *qsq, *qnorm, *qsum;   /* (n_panels * lanes): |q|^2, |q|, sum of q; 0 on padding */
     const float *qtail;          /* (B, lanes): q[dim - lanes + i] where that is past the whole vectors, else 0 */
     uint16_t last_lanes;         /* the lanes of the last panel that hold queries */
-    /* int8 rows, B < TKS_ROWS_BELOW: the integer bound */
+    /* int8 rows, B < tks_rows_below(TKS_INT8): the integer bound */
     int int8_bound;              /* 0: every group scored in float (the tests' reference) */
     int64_t q16_stride;          /* dim rounded up to TKS_QUANT_ALIGN */
     const int16_t *q16;          /* (B, q16_stride) rint(q / q16_scale), zero padded */
@@ -591,7 +594,7 @@ static vf tks_tile_panels(const tks_call *call, tks_thread *th, const float *x, 
 
 static int tks_tile(const tks_call *call, tks_thread *th, int64_t row0, int64_t n, const uint16_t *excl)
 {
-    const int rows_mode = call->B < TKS_ROWS_BELOW;
+    const int rows_mode = call->B < tks_rows_below(call->kind);
     /* int8 rows for one query at a time are scored on their codes where they lie */
     const uint8_t *codes = rows_mode && call->kind == TKS_INT8 ? (const uint8_t *)call->rows + row0 * call->dim : NULL;
     const float *x = th->widened;

@@ -11,6 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from recscore.bindings import _topk_scan
+from recscore.bindings._cpu import DTYPE_CODES
 from recscore.kernels import RowTable, quantize_rows, topk, use_backend
 from recscore.kernels._cpu import DETECTED, LEVELS, use_cpu_level
 from recscore.kernels.topk import cpu as topk_cpu
@@ -87,7 +88,8 @@ def c_scan_topk(queries, corpus, k, metric="ip", exclude=None, run=cpu_topk):
     return want
 
 
-BATCHES = [(1, 7), (2, 5), (7, 1), (8, 1), (9, 64), (17, 10), (64, 3)]   # fewer than 8: one query at a time
+# one query at a time below 5 queries (11 on int8 rows), panels from there: both sides of both edges
+BATCHES = [(1, 7), (2, 5), (4, 3), (5, 2), (7, 1), (8, 1), (9, 64), (10, 4), (11, 5), (17, 10), (64, 3)]
 
 
 @pytest.mark.parametrize("dtype", ["fp32", "fp16", "bf16"])
@@ -95,7 +97,7 @@ BATCHES = [(1, 7), (2, 5), (7, 1), (8, 1), (9, 64), (17, 10), (64, 3)]   # fewer
 @pytest.mark.parametrize("d", [1, 3, 17, 33, 100, 385])
 def test_cpu_exact_on_integer_data(rng, cpu_level, dtype, metric, d):
     """Integer-valued data: ids and scores equal the reference's exactly, ties included. One query at
-    a time against groups of rows (B < 8), panels with a partial last one, blocks of 1 to all panels,
+    a time against groups of rows (B < 5), panels with a partial last one, blocks of 1 to all panels,
     partial row blocks and tiles, vector tails of every length, exclusions, k > candidates."""
     n = 1100 if d < 100 else 300   # several tiles for small d
     corpus = quantize_rows(integer_data(rng, n, d), dtype)
@@ -112,7 +114,7 @@ def test_cpu_exact_on_integer_data(rng, cpu_level, dtype, metric, d):
 @pytest.mark.parametrize("metric", ["ip", "cosine", "l2"])
 @pytest.mark.parametrize("d", [1, 17, 41, 385])
 def test_cpu_close_on_random_data(rng, cpu_level, dtype, metric, d):
-    """Every dtype and metric (int8 with B < 8: codes scored where they lie), odd d (int4 rows end in
+    """Every dtype and metric (int8 with B < 11: codes scored where they lie), odd d (int4 rows end in
     half a byte), exclusions, k > N."""
     n = 1500 if d < 100 else 400
     corpus = quantize_rows(rng.standard_normal((n, d)).astype(np.float32), dtype)
@@ -126,10 +128,10 @@ def test_cpu_close_on_random_data(rng, cpu_level, dtype, metric, d):
 @pytest.mark.parametrize("metric", ["ip", "cosine", "l2"])
 @pytest.mark.parametrize("d", [5, 64])
 def test_cpu_int8_few_queries(rng, cpu_level, metric, d):
-    """int8 with fewer than 8 queries is scored on its codes where they lie (B = 35: query panels
+    """int8 with fewer than 11 queries is scored on its codes where they lie (B = 11, 35: query panels
     on dequantized tiles): several tiles, exclusions, a partial last tile."""
     corpus = quantize_rows(rng.standard_normal((1300, d)).astype(np.float32), "int8")
-    for B, k in [(1, 1), (1, 30), (2, 7), (3, 1300), (35, 20)]:
+    for B, k in [(1, 1), (1, 30), (2, 7), (3, 1300), (10, 9), (11, 3), (35, 20)]:
         queries = rng.standard_normal((B, d)).astype(np.float32)
         exclude = random_exclusions(rng, B, 1300, 400)
         for ex in (None, exclude):
@@ -310,7 +312,7 @@ def test_cpu_exclusions_sorted_by_tile_with_ties(rng, cpu_level):
     n, d = 7001, 3
     table = quantize_rows(np.ones((n, d), np.float32), "fp32")
     for B in (1, 5, 16, 37):
-        tile_rows = _topk_scan.tile_rows(LEVELS.index(cpu_level), B, d)
+        tile_rows = _topk_scan.tile_rows(LEVELS.index(cpu_level), DTYPE_CODES["fp32"], B, d)
         edges = np.array([0, 1, tile_rows - 1, tile_rows, tile_rows + 1, 2 * tile_rows, n - 1], np.int64)
         lists = [rng.permutation(np.concatenate([edges, edges[::2], rng.integers(0, 60, 40)]))
                  if q % 3 else np.zeros(0, np.int64) for q in range(B)]
@@ -356,7 +358,7 @@ def test_cpu_scan_refuses_levels_this_cpu_lacks():
             _topk_scan.scan(level, 0, rows, none, none, queries, 0, 2, no_ids, no_ids, 1, True,
                             np.zeros((3, 2), np.float32), np.zeros((3, 2), np.int64))
         with pytest.raises(ValueError, match="CPU level"):
-            _topk_scan.tile_rows(level, 3, 4)
+            _topk_scan.tile_rows(level, DTYPE_CODES["fp32"], 3, 4)
 
 
 def test_cpu_scan_rejects_inconsistent_buffers():

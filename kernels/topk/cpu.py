@@ -12,9 +12,9 @@ keeps the best k and raises the threshold, so almost every score costs one compa
 No (B, N) score matrix is ever held. Threads take chunks of corpus tiles (about 64 KB of
 float32 rows) in turn, each keeping one top-k per query over its chunks; the same OpenMP
 region then merges them. Exclusions go to the scan as the CSR they come in (sorted by tile
-in C, a bitmap per tile). B >= 8 runs register blocks of rows x query panels; fewer queries
-run one query against a group of rows at a time, int8 rows there on their codes with an exact
-integer bound as a pre-selection. Measurements: bench/notes/cpu-topk.md.
+in C, a bitmap per tile). From 5 queries (11 on int8 rows) the scan runs register blocks of rows x
+query panels; fewer queries run one query against a group of rows at a time, int8 rows there on
+their codes with an exact integer bound as a pre-selection. Measurements: bench/notes/cpu-topk.md.
 """
 import numpy as np
 
@@ -26,7 +26,7 @@ from ...bindings._cpu import DTYPE_CODES, METRIC_CODES
 # Scans of fewer corpus bytes + multiply-adds run on the calling thread: waking and joining a
 # sleeping OpenMP thread costs 60-120 us here (bench/notes/cpu-topk.md).
 SERIAL_SCAN_BELOW = 8 << 20
-# int8 rows with fewer than 8 queries: skip the groups whose exact integer bound misses the
+# int8 rows with fewer than 11 queries: skip the groups whose exact integer bound misses the
 # threshold (False scores every group in float: the tests' reference for the bound).
 INT8_BOUND = True
 
