@@ -10,18 +10,25 @@ RMSNorm -> GeGLU (tanh GELU) -> post-norm -> residual; final RMSNorm and logits.
 norm weights with the +1 already added (llama.cpp's converter does it), so RMSNorm multiplies by w.
 Every matmul runs through `qmatmul`, the embedding lookup through `QuantizedMatrix.take`.
 """
+import contextlib
 import math
+import threading
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 
 import numpy as np
+from threadpoolctl import ThreadpoolController
 
 from ..kernels import QuantizedMatrix, qmatmul
+from ..kernels._cpu import kernel_threads
 from .gguf_file import metadata, open_gguf
 
 ARCHITECTURE = "gemma3"
 SWA_PATTERN = 6                 # llama.cpp's gemma3 default: layers 5, 11, 17, ... attend to every position
 LOCAL_ROPE_BASE = 10000.0       # llama.cpp's gemma3 default RoPE base of the sliding-window layers
 PREFILL_CHUNK = 512             # tokens per forward step (bounds the attention score matrix)
+SPLIT_ATTENTION_ROWS = 32       # continuations' attention runs on kernel_threads() threads from this many tokens
+SPLIT_ROWS = 32                 # the per-token steps split into chunks of at least this many tokens, one a thread
 GELU_TANH_C = math.sqrt(2.0 / math.pi)
 
 
@@ -229,13 +236,28 @@ class KVCache:
 
 def rms_norm(x, weight, eps):
     """x / sqrt(mean(x^2) + eps) * weight over the last axis (Gemma's +1 is in the GGUF weight)."""
-    mean_square = np.einsum("...i,...i->...", x, x)[..., None] / np.float32(x.shape[-1])
-    return x * (1.0 / np.sqrt(mean_square + np.float32(eps))) * weight
+    root = np.einsum("...i,...i->...", x, x)[..., None]
+    root *= np.float32(1.0 / x.shape[-1])
+    root += np.float32(eps)
+    np.sqrt(root, out=root)
+    out = x / root       # one temporary, scaled in place (NumPy runs these passes on one core)
+    out *= weight
+    return out
 
 
-def gelu_tanh(x):
-    inner = np.float32(GELU_TANH_C) * (x + np.float32(0.044715) * x * x * x)
-    return np.float32(0.5) * x * (1.0 + np.tanh(inner))
+def gelu_tanh(x, times=None):
+    """0.5 x (1 + tanh(c (x + 0.044715 x^3))), multiplied by `times` if given, in one temporary."""
+    out = x * x
+    out *= np.float32(0.044715 * GELU_TANH_C)
+    out += np.float32(GELU_TANH_C)
+    out *= x
+    np.tanh(out, out=out)
+    out += np.float32(1.0)
+    out *= x
+    if times is not None:
+        out *= times
+    out *= np.float32(0.5)
+    return out
 
 
 def rope_tables(positions, head_dim, base, scale):
@@ -394,28 +416,90 @@ def _attend_branches(q, k, v, keys, values, plan):
     return out.reshape(n * width, n_head * value_dim)[plan.rows]
 
 
+_blas_lock = threading.Lock()
+_blas_state = {"users": 0, "saved": None, "controllers": None}
+
+
+@contextlib.contextmanager
+def blas_on_calling_thread():
+    """NumPy's BLAS (attention) limited to the calling thread while this is open, in every thread that
+    opens it (counted; the first one in saves the setting, the last one out restores it).
+
+    Why: after each call OpenBLAS's idle workers spin for a while (2^28 cycles by default) and take
+    the cores from qmatmul's OpenMP threads: on 2 cores the layers' qmatmul calls ran 1.8x slower
+    between attention calls (bench/notes/llm.md).
+    """
+    with _blas_lock:
+        state = _blas_state
+        if state["controllers"] is None:
+            state["controllers"] = ThreadpoolController().select(user_api="blas").lib_controllers
+        if state["users"] == 0:
+            state["saved"] = [lib.get_num_threads() for lib in state["controllers"]]
+            for lib in state["controllers"]:
+                lib.set_num_threads(1)
+        state["users"] += 1
+    try:
+        yield
+    finally:
+        with _blas_lock:
+            state["users"] -= 1
+            if state["users"] == 0:
+                for lib, threads in zip(state["controllers"], state["saved"]):
+                    lib.set_num_threads(threads)
+
+
 def _run_layers(model, tokens, positions, attend):
     """The transformer over `tokens` at `positions`; attend(layer index, q, k, v) does the attention.
     Returns the final-normed hidden states (T, dim)."""
+    with blas_on_calling_thread():
+        return _layers(model, tokens, positions, attend)
+
+
+def _layers(model, tokens, positions, attend):
     c = model.config
-    T = len(tokens)
+    T, eps = len(tokens), c.norm_eps
     ropes = {False: rope_tables(positions, c.head_dim, c.rope_base_global, c.rope_scale_global),
              True: rope_tables(positions, c.head_dim, c.rope_base_local, 1.0)}
     scale = np.float32(1.0 / math.sqrt(c.head_dim))
     x = model.token_embd.take(tokens) * np.float32(math.sqrt(c.dim))
+    # the per-token NumPy steps between the matmuls run on row chunks, one per thread (NumPy uses one
+    # core a call): each row's arithmetic is the same as in one piece
+    parts = max(1, min(kernel_threads(), T // SPLIT_ROWS))
+    edges = np.linspace(0, T, parts + 1).astype(int)
+    chunks = [slice(a, b) for a, b in zip(edges[:-1], edges[1:])]
+
+    def rowwise(step):
+        in_parallel([lambda rows=rows: step(rows) for rows in chunks])
+
+    h = np.empty_like(x)
+    rowwise(lambda r: h.__setitem__(r, rms_norm(x[r], model.layers[0].attn_norm, eps)))
     for il, layer in enumerate(model.layers):
-        h = rms_norm(x, layer.attn_norm, c.norm_eps)
-        q = rms_norm(qmatmul(h, layer.q).reshape(T, c.n_head, c.head_dim), layer.q_norm, c.norm_eps)
-        k = rms_norm(qmatmul(h, layer.k).reshape(T, c.n_kv_head, c.head_dim), layer.k_norm, c.norm_eps)
+        q_in = qmatmul(h, layer.q).reshape(T, c.n_head, c.head_dim)
+        k_in = qmatmul(h, layer.k).reshape(T, c.n_kv_head, c.head_dim)
         v = qmatmul(h, layer.v)
         cos, sin = ropes[c.local_layers[il]]
-        q = apply_rope(q, cos, sin) * scale
-        k = apply_rope(k, cos, sin).reshape(T, -1)
-        x = x + rms_norm(qmatmul(attend(il, q, k, v), layer.out), layer.post_attn_norm, c.norm_eps)
-        h = rms_norm(x, layer.ffn_norm, c.norm_eps)
-        h = gelu_tanh(qmatmul(h, layer.gate)) * qmatmul(h, layer.up)
-        x = x + rms_norm(qmatmul(h, layer.down), layer.post_ffn_norm, c.norm_eps)
-    return rms_norm(x, model.output_norm, c.norm_eps)
+        q, k = np.empty_like(q_in), np.empty((T, c.n_kv_head * c.head_dim), dtype=np.float32)
+
+        def query_key(r):
+            q[r] = apply_rope(rms_norm(q_in[r], layer.q_norm, eps), cos[r], sin[r]) * scale
+            k[r] = apply_rope(rms_norm(k_in[r], layer.k_norm, eps), cos[r], sin[r]).reshape(-1, k.shape[1])
+        rowwise(query_key)
+        o = qmatmul(attend(il, q, k, v), layer.out)
+
+        def post_attention(r):
+            x[r] += rms_norm(o[r], layer.post_attn_norm, eps)
+            h[r] = rms_norm(x[r], layer.ffn_norm, eps)
+        rowwise(post_attention)
+        gate, up = qmatmul(h, layer.gate), qmatmul(h, layer.up)
+        rowwise(lambda r: gate.__setitem__(r, gelu_tanh(gate[r], up[r])))
+        d = qmatmul(gate, layer.down)
+        following = model.layers[il + 1].attn_norm if il + 1 < len(model.layers) else model.output_norm
+
+        def post_ffn(r):
+            x[r] += rms_norm(d[r], layer.post_ffn_norm, eps)
+            h[r] = rms_norm(x[r], following, eps)
+        rowwise(post_ffn)
+    return h
 
 
 def _windows(config):
@@ -450,10 +534,49 @@ def forward_branches(model, cache, tokens, lengths):
         raise ValueError(f"a continuation needs {cache.length + lengths.max()} positions; "
                          f"the KV cache holds {cache.capacity}")
     windows = _windows(model.config)
-    plans = {window: _branch_plan(cache, window, lengths) for window in set(windows)}
+    # the continuations split into runs of whole continuations, one per thread, of about equal tokens:
+    # attention is NumPy/BLAS on the calling thread (see blas_on_calling_thread), so a second core helps
+    ends = np.cumsum(lengths)
+    parts = min(kernel_threads(), len(lengths)) if len(tokens) >= SPLIT_ATTENTION_ROWS else 1
+    cuts = np.unique(np.searchsorted(ends, len(tokens) * np.arange(1, parts) / parts, side="left") + 1)
+    bounds = [0, *cuts[cuts < len(lengths)].tolist(), len(lengths)]
+    runs = [(int(ends[a] - lengths[a]), int(ends[b - 1]),
+             {window: _branch_plan(cache, window, lengths[a:b]) for window in set(windows)})
+            for a, b in zip(bounds[:-1], bounds[1:])]
+
+    def attend(il, q, k, v):
+        def run(first, last, plans):
+            return _attend_branches(q[first:last], k[first:last], v[first:last], cache.keys[il], cache.values[il],
+                                    plans[windows[il]])
+        outs = in_parallel([lambda run_=run_: run(*run_) for run_ in runs])
+        return outs[0] if len(outs) == 1 else np.concatenate(outs)
+
     positions = cache.length + np.concatenate([np.arange(n) for n in lengths])
-    return _run_layers(model, tokens, positions, lambda il, q, k, v: _attend_branches(
-        q, k, v, cache.keys[il], cache.values[il], plans[windows[il]]))
+    return _run_layers(model, tokens, positions, attend)
+
+
+_pool_lock = threading.Lock()
+_pool = {"executor": None, "workers": 0}
+
+
+def in_parallel(calls):
+    """[call() for call in calls], the first on the calling thread and the others on helper threads
+    (for NumPy work, which releases the GIL); exceptions are raised here."""
+    if len(calls) == 1:
+        return [calls[0]()]
+    with _pool_lock:
+        if _pool["workers"] < len(calls) - 1:
+            if _pool["executor"] is not None:
+                _pool["executor"].shutdown(wait=False)
+            _pool["executor"] = ThreadPoolExecutor(len(calls) - 1, thread_name_prefix="recscore-gemma3")
+            _pool["workers"] = len(calls) - 1
+        executor = _pool["executor"]
+    waiting = [executor.submit(call) for call in calls[1:]]
+    try:
+        first = calls[0]()
+    finally:
+        wait(waiting)   # no helper may still be working on the caller's arrays when it goes on
+    return [first, *(future.result() for future in waiting)]
 
 
 def output_slices(model, rows_per_slice):

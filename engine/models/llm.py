@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..kernels._cpu import kernel_threads
 from . import gemma3
 from .gguf_file import default_model_path
 from .tokenizers import GGUFTokenizer
@@ -20,9 +21,11 @@ DEFAULT_CONTEXT = 4096              # KV cache positions (global layers; local l
 DEFAULT_PREFIX_CACHE_BYTES = 64 << 20
 # Scoring runs up to SCORE_ROWS rows against one slice of the vocabulary at a time (one read of the
 # output projection per SCORE_ROWS rows; logits of 256 x 32768 float32: 32 MB); a slice is above
-# qmatmul's stored-panel size, so it is streamed, not repacked into 230 MB of panels.
+# qmatmul's stored-panel size (PANEL_MAX_WEIGHTS), so it is streamed, not repacked into 230 MB of
+# panels (8192-row slices ran ~25% faster on 242 rows, but only from such panels: bench/notes/llm.md).
 SCORE_ROWS = 256
 VOCAB_SLICE = 32768
+SPLIT_LSE_VALUES = 1 << 18      # logit blocks from this size have their log-sum-exp split across threads
 
 
 @dataclass(frozen=True)
@@ -265,13 +268,19 @@ class LLM:
                 block = gemma3.logits(self.model, group, output)
                 inside = np.flatnonzero((wanted >= first) & (wanted < first + block.shape[1]))
                 chosen[inside] = block[local[inside], wanted[inside] - first]
-                block_top = np.maximum(top, block.max(axis=1))
-                block -= block_top[:, None].astype(np.float32)
-                np.exp(block, out=block)
-                total = total * np.exp(top - block_top) + block.sum(axis=1, dtype=np.float64)
-                top, first = block_top, first + block.shape[1]
+                self._fold_logsumexp(block, top, total)
+                first += block.shape[1]
             out[mine] = chosen - (top + np.log(total))[local]
         return out
+
+    @staticmethod
+    def _fold_logsumexp(block, top, total):
+        """_fold_rows over row chunks on kernel_threads() threads (NumPy's max/exp/sum release the GIL):
+        the same per-row arithmetic, split because one core would leave the other idle."""
+        parts = min(kernel_threads(), len(block)) if block.size >= SPLIT_LSE_VALUES else 1
+        edges = np.linspace(0, len(block), parts + 1).astype(int)
+        gemma3.in_parallel([lambda c=slice(a, b): _fold_rows(block[c], top[c], total[c])
+                            for a, b in zip(edges[:-1], edges[1:])])
 
     # ---- the prompt and the caches ----------------------------------------------------------------
 
@@ -336,6 +345,18 @@ class LLM:
         hidden = gemma3.prefill(self.model, self.cache, token_ids[self.cache.length:])
         self.prefix_cache.store(self.cache, hidden)
         return hidden
+
+
+def _fold_rows(block, top, total):
+    """Fold a logits block (rows, slice) into each row's running max `top` and sum of exp(logit - top)
+    `total` (float64, in place); `block` is overwritten. One slice is summed in float32 (pairwise:
+    relative error ~1e-6 over 32768 terms in (0, 1]), the slices in float64."""
+    block_top = np.maximum(top, block.max(axis=1))
+    block -= block_top[:, None].astype(np.float32)
+    np.exp(block, out=block)
+    total *= np.exp(top - block_top)
+    total += block.sum(axis=1)
+    top[:] = block_top
 
 
 def _logsumexp(rows):
