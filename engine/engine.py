@@ -444,7 +444,8 @@ class Engine:
         ids = [_as_id("ids", i) for i in ids]
         n = len(ids)
         rank = self._item_vectors.shape[1]
-        vectors = np.zeros((n, rank), np.float32) if vectors is None else np.asarray(vectors, np.float32)
+        with np.errstate(over="ignore"):   # a value past float32 becomes inf, refused just below
+            vectors = np.zeros((n, rank), np.float32) if vectors is None else np.asarray(vectors, np.float32)
         if vectors.shape != (n, rank) or not np.isfinite(vectors).all():
             raise ValueError(f"vectors must be finite, of shape ({n}, {rank}), got {vectors.shape}")
         titles = list(titles) if titles is not None else [str(i) for i in ids]

@@ -343,8 +343,9 @@ async def recommend_batch(server, request, body):
     exclude_seen = body.get("exclude_seen", True)
     if not isinstance(exclude_seen, bool):
         raise _invalid("exclude_seen must be a boolean")
+    filters = _filters(body.get("filters"), limits)
     results = await server.call(server.engine.recommend_many, users, k, exclude_seen=exclude_seen,
-                                filters=_filters(body.get("filters"), limits)) if users else []
+                                filters=filters) if users else []
     return {"results": [{"user": u, **_recommendation(r)} for u, r in zip(users, results)]}
 
 

@@ -9,8 +9,9 @@ def _obj(required=(), **properties):
 
 ID = {"type": "integer", "format": "int64"}
 K = {"type": "integer", "minimum": 1, "maximum": 1000, "default": 10}
-FILTERS = _obj(allow_genres={"type": "array", "items": {"type": "string"}},
-               deny_genres={"type": "array", "items": {"type": "string"}})
+# null stands for an absent optional field (the app reads it so)
+FILTERS = dict(_obj(allow_genres={"type": ["array", "null"], "items": {"type": "string"}},
+                    deny_genres={"type": ["array", "null"], "items": {"type": "string"}}), type=["object", "null"])
 SCORED = {"type": "array", "items": _obj(("item", "score"), item=ID, score={"type": ["number", "null"]})}
 RECOMMENDED = {"type": "array", "items": _obj(("item", "score", "title"), item=ID, score={"type": ["number", "null"]},
                                               title={"type": "string"})}
@@ -59,7 +60,7 @@ OPENAPI = {
     "paths": {
         "/v1/recommend": {"post": _op(
             "Top k items for a user (popularity for a user with no history)", "read", RECOMMENDATION,
-            _obj(("user",), user=ID, k=K, filters=FILTERS, text={"type": "string", "maxLength": 1000},
+            _obj(("user",), user=ID, k=K, filters=FILTERS, text={"type": ["string", "null"], "maxLength": 1000},
                  rerank={"type": ["string", "null"], "enum": ["llm", None]}, exclude_seen={"type": "boolean"}))},
         "/v1/recommend/batch": {"post": _op(
             "Top k items for each of many users, in one batched lookup", "read",
@@ -110,6 +111,8 @@ OPENAPI = {
     },
 }
 OPENAPI["paths"]["/v1/explain"]["get"]["responses"]["200"]["content"] = {"text/event-stream": {"schema": {"type": "string"}}}
+OPENAPI["paths"]["/v1/admin/reload"]["post"]["responses"]["409"] = {
+    "description": "another reload is running", "content": {"application/json": {"schema": ERROR}}}
 OPENAPI["paths"]["/v1/users/{user}"]["get"]["responses"]["404"]["description"] = "unknown user (no events)"
 
 if __name__ == "__main__":

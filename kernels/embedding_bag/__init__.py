@@ -101,6 +101,9 @@ def _lookup(batch, indices, offsets, pooling, per_sample_weights, bounds, with_f
     """embedding_bag, lookup and lookup_with_flags: check the call, then run it where the data lives."""
     kind, device, bags = _check_call(batch, indices, offsets, pooling, per_sample_weights, bounds)
     backend = choose_backend(kind)
+    if backend == "triton" and kind == "numpy":
+        raise ValueError("the triton backend takes torch tensors (CPU tensors under TRITON_INTERPRET=1), "
+                         "got NumPy indices")
     if with_flags:
         _check_flags(backend, kind, device, flags)
     if backend == "triton" and bags > 0 and sum(batch.dims) > 0:

@@ -172,6 +172,9 @@ def _cpu_module(op):
     return getattr(backend_module(__name__, "reference" if backend == "reference" else "cpu"), op)
 
 
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
 def quantize_matrix(weight, fmt, *, group_size=32):
     """Store a float (out, in) matrix as group-wise symmetric "int8" or "int4" (see reference.py)."""
     check_choice("fmt", fmt, QUANT_FORMATS)
@@ -184,6 +187,8 @@ def quantize_matrix(weight, fmt, *, group_size=32):
     host = to_numpy(weight)
     if host.dtype == np.uint16:  # bf16 bits
         host = bf16_bits_to_float32(host)
+    if host.size and float(np.abs(host).max()) > FLOAT32_MAX:   # float64 past float32: scales would be inf
+        raise ValueError(f"weight has values outside the float32 range (largest magnitude {FLOAT32_MAX:g})")
     codes, scales = reference.quantize(host, fmt, group_size)
     return QuantizedMatrix(fmt, weight.shape, codes, scales, group_size)
 
@@ -206,6 +211,9 @@ def qmatmul(x, qm):
     check_finite("x", x)
     device = x.device if kind == "cuda" else None
     backend = choose_backend(kind)
+    if backend == "triton" and kind == "numpy":
+        raise ValueError("the triton backend takes torch tensors (CPU tensors under TRITON_INTERPRET=1), got "
+                         "a NumPy x")
     if backend == "triton":
         triton_backend = backend_module(__name__, "triton")
         if qm.fmt in triton_backend.FORMATS:

@@ -79,16 +79,17 @@ _GGUF_DECODERS = {"q8_0": _q8_0, "q5_0": _q5_0, "q4_k": _q4_k, "q6_k": _q6_k}
 def unpack_int4(packed, group_size):
     """(R, in/2) nibbles -> int8 codes (R, in) in [-8, 7], in the layout described above."""
     rows = packed.shape[0]
-    groups = packed.reshape(rows, -1, group_size // 2)
+    groups = packed.reshape(rows, packed.shape[1] // (group_size // 2), group_size // 2)   # not -1: rows may be 0
     codes = np.concatenate([groups & 0x0F, groups >> 4], axis=2).astype(np.int8) - np.int8(8)
-    return codes.reshape(rows, -1)
+    return codes.reshape(rows, packed.shape[1] * 2)
 
 
 def pack_int4(codes, group_size):
     """int codes (R, in) in [-8, 7] -> (R, in/2) uint8, the inverse of unpack_int4."""
     rows = codes.shape[0]
-    nibbles = (codes.astype(np.int16) + 8).astype(np.uint8).reshape(rows, -1, 2, group_size // 2)
-    return (nibbles[:, :, 0, :] | (nibbles[:, :, 1, :] << 4)).reshape(rows, -1)
+    nibbles = (codes.astype(np.int16) + 8).astype(np.uint8).reshape(rows, codes.shape[1] // group_size, 2,
+                                                                    group_size // 2)   # not -1: rows may be 0
+    return (nibbles[:, :, 0, :] | (nibbles[:, :, 1, :] << 4)).reshape(rows, codes.shape[1] // 2)
 
 
 def quantize(weight, fmt, group_size):

@@ -7,7 +7,10 @@ from .._backend import backend_module, bf16_bits_to_float32, choose_backend, rea
 from .._rows import ROW_DTYPES, RowTable, as_row_table, has_contiguous_rows  # noqa: F401  (the old import path)
 from .._validate import check_array, check_choice, check_finite
 
-_FINITE_LIMIT = {"fp16": 65504.0, "bf16": 3.3895313892515355e38}   # largest finite values
+# Largest magnitudes stored: each format's largest finite value; for int8/int4, 2**126, so that a row's
+# range (max - min), its scale and every dequantized `code * scale + bias` stay finite in float32.
+_FINITE_LIMIT = {"fp32": 3.4028234663852886e38, "fp16": 65504.0, "bf16": 3.3895313892515355e38,
+                 "int8": 2.0 ** 126, "int4": 2.0 ** 126}
 
 
 def quantize_rows(weights, dtype):

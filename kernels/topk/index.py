@@ -21,7 +21,7 @@ from .._backend import dtype_name, is_tensor, like, read_only_view, to_numpy, to
 from .._rows import ROW_DTYPES, RowTable
 from .._validate import FLOAT_DTYPES, INDEX_DTYPES, check_array, check_choice, check_finite, check_offsets
 from ..quantize_rows import quantize_rows
-from .search import METRICS, check_k, topk
+from .search import METRICS, check_k, check_result_size, topk
 
 COMPACT_FRACTION = 32   # compact once retired rows exceed 1/32 of the rows (and MIN_COMPACT)
 MIN_COMPACT = 1024
@@ -189,9 +189,10 @@ class ItemIndex:
             raise ValueError(f"queries must have {self.dim} columns, got shape {tuple(queries.shape)}")
         k = check_k(k)
         B = queries.shape[0]
+        check_result_size(k, B, snap.table.shape[0])
         rows_exclude = self._row_exclusions(snap, B, exclude)
         n = snap.table.shape[0]
-        wanted = k + 1
+        wanted = k + 1 if k < n else k   # k >= n: every row is a candidate already (and k + 1 could pass the limit)
         while True:
             scores, rows = topk(to_numpy_float32(queries), snap.table, wanted, metric=self.metric, exclude=rows_exclude)
             tie_at_boundary = (rows[:, -1] >= 0) & (scores[:, -1] == scores[:, k - 1])

@@ -7,6 +7,9 @@ from .._rows import as_row_table
 from .._validate import FLOAT_DTYPES, check_array, check_choice, check_exclude, check_finite, check_same_device
 
 METRICS = ("ip", "cosine", "l2")
+# A k past the corpus only adds padding slots; past this many (B * k) result slots such a k is refused
+# (ValueError) rather than allocated (a MemoryError, or gigabytes of -1).
+MAX_PADDED_SLOTS = 1 << 26
 
 
 def check_k(k):
@@ -15,6 +18,15 @@ def check_k(k):
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
     return int(k)
+
+
+def check_result_size(k, n_queries, n_rows):
+    """ValueError for a k beyond the n_rows candidates whose (B, k) result would be huge, or past int64."""
+    if k >= 1 << 63:
+        raise ValueError(f"k = {k} is past the int64 range")
+    if k > n_rows and n_queries * k > MAX_PADDED_SLOTS:
+        raise ValueError(f"k = {k} is more than the {n_rows} corpus rows, and a ({n_queries}, {k}) result would "
+                         f"be {n_queries * k} slots of padding mostly (at most {MAX_PADDED_SLOTS} are allowed)")
 
 
 def topk(queries, corpus, k, *, metric="ip", exclude=None):
@@ -31,9 +43,13 @@ def topk(queries, corpus, k, *, metric="ip", exclude=None):
     if corpus.shape[1] != queries.shape[1]:
         raise ValueError(f"queries have d = {queries.shape[1]} but corpus rows have d = {corpus.shape[1]}")
     k = check_k(k)
+    check_result_size(k, queries.shape[0], corpus.shape[0])
     check_finite("queries", queries)
     exclude = check_exclude(exclude, queries.shape[0], corpus.shape[0])
     backend = choose_backend(kind)
+    if backend == "triton" and kind == "numpy":
+        raise ValueError("the triton backend takes torch tensors (CPU tensors under TRITON_INTERPRET=1), "
+                         "got NumPy queries")
     if backend == "triton":
         scores, ids = backend_module(__package__, "triton").topk(queries, corpus, k, metric, exclude)
     else:
