@@ -174,6 +174,7 @@ def _serve(run):
                      f"{r['recommend_p99_ms']:.2f} | {r['constant_rps']:,.0f} | {r['constant_p50_ms']:.2f} | "
                      f"{r['constant_p99_ms']:.2f} | {r['ratio']:.2f} |")
     gaps = _serve_gaps(run)
+    lines += [""] + [f"- {line}" for line in run["data"].get("robustness", [])]
     lines.append("\nTargets: ratio >= {ratio:g} of the constant body's req/s, p99 <= {p99_ms_at_8:g} ms at 8 clients: "
                  .format(**run["targets"]) + ("met." if not gaps else "not met: " + "; ".join(gaps) + "."))
     return "\n".join(lines)
