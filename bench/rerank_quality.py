@@ -20,14 +20,13 @@ from pathlib import Path
 import numpy as np
 
 from recscore.bundle import fit_models, open_bundle
-from recscore.engine import RERANK_CANDIDATES, blend_scores, llm_prompt_prefix
+from recscore.engine import RERANK_CANDIDATES, blend_scores, llm_prompt_prefix, prompt_titles
 from recscore.evaluate import BOOTSTRAP_SAMPLES
 from recscore.scoring import history_bags, scorer_for
 from recscore.train import temporal_split
 
 WEIGHTS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 1.0)
 K = 10
-HISTORY_TITLES = 10      # the engine's prompt holds the last 10 titles
 RESULTS = Path(__file__).resolve().parent / "results" / "accuracy" / "rerank.json"
 
 
@@ -44,7 +43,7 @@ def llm_scores(llm, titles, fit, users, rows):
     """Per-token mean log-probability of each candidate title after the user's history prompt."""
     out = np.full(rows.shape, -np.inf)
     for i, u in enumerate(users):
-        history = [titles[r] for r in fit.items[fit.indptr[u]:fit.indptr[u + 1]][-HISTORY_TITLES:]]
+        history = prompt_titles(fit.items[fit.indptr[u]:fit.indptr[u + 1]], titles)
         valid = rows[i] >= 0
         scored = llm.score(llm_prompt_prefix(history), [" " + titles[r] for r in rows[i][valid]])
         out[i, valid] = [s.mean for s in scored]

@@ -32,6 +32,7 @@ from .state import SQLiteState
 STATE_FILE = "state.sqlite3"        # default state store, beside the bundle's files
 USER_CACHE_SIZE = 100_000           # users whose history and pooled row stay in memory
 RERANK_CANDIDATES = 20              # candidates the LLM re-ranks (at least k)
+HISTORY_TITLES = 10                 # the LLM prompt holds the last 10 to 19 titles (see prompt_titles)
 RERANK_WEIGHT = 0.2                 # share of the LLM's standardised score: best on validation (bench/rerank_quality.py)
 EXPLAIN_TOKENS = 60
 LLM_RUNTIMES = ("gemma3",)          # llm= names the engine loads itself, on first use
@@ -496,7 +497,7 @@ class Engine:
         if not len(rows):
             return scores[None], rows[None]
         titles = [catalogue.titles[r] for r in rows]
-        scored = llm.score(llm_prompt_prefix(self._history_titles(entry, catalogue)), [" " + t for t in titles])
+        scored = llm.score(llm_prompt_prefix(prompt_titles(entry.rows, catalogue.titles)), [" " + t for t in titles])
         # per-token mean: a total log-probability would favour short titles
         llm_scores = np.array([s.mean for s in scored], np.float64)
         blended = blend_scores(scores, llm_scores, RERANK_WEIGHT)
@@ -515,11 +516,8 @@ class Engine:
         row = self._row("item", item, catalogue)
         entry = self._user(_as_id("user", user))
         llm = self._llm("explain", "stream(prompt, max_new_tokens)")
-        prompt = explain_prompt(self._history_titles(entry, catalogue), catalogue.titles[row])
+        prompt = explain_prompt(prompt_titles(entry.rows, catalogue.titles), catalogue.titles[row])
         return llm.stream(prompt, max_new_tokens=EXPLAIN_TOKENS)
-
-    def _history_titles(self, entry, catalogue, last=10):
-        return [catalogue.titles[r] for r in entry.rows[-last:]]
 
     # ---- helpers -------------------------------------------------------------------------------
 
@@ -535,6 +533,15 @@ class Engine:
 
     def title(self, item):
         return self._catalogue.titles[self._row("item", item, self._catalogue)]
+
+
+def prompt_titles(rows, titles):
+    """The titles of a user's LLM prompt from their event rows (oldest first): the last HISTORY_TITLES
+    to 2 HISTORY_TITLES - 1, from a start that moves HISTORY_TITLES at a time, so that a feedback event
+    appends one title to the prompt (the LLM's prefix cache then runs only the new tokens) rather than
+    sliding it."""
+    start = max(0, len(rows) - HISTORY_TITLES) // HISTORY_TITLES * HISTORY_TITLES
+    return [titles[r] for r in rows[start:]]
 
 
 def llm_prompt_prefix(history_titles):

@@ -65,6 +65,29 @@ def test_rerank_scores_in_one_call_and_reuses_the_cached_prefix(engine, gemma, m
     assert prefills == []    # the user's history prompt came whole from the prefix cache
 
 
+def test_a_feedback_event_appends_to_the_prompt_and_runs_only_the_new_tokens(engine, gemma, monkeypatch):
+    # a user whose next event does not move the prompt's start (that happens every HISTORY_TITLES events)
+    user = next(u for u in range(1, 30) if len(engine._user(u).rows) % recscore.engine.HISTORY_TITLES != 9)
+    engine.recommend(user, k=K, rerank="llm")
+    engine.feedback(user, 1001)
+    prefills = []
+    monkeypatch.setattr(gemma3, "prefill", _counted(gemma3.prefill, prefills))
+    engine.recommend(user, k=K, rerank="llm")
+    ran = sum(len(call[2]) for call in prefills)
+    assert 0 < ran <= 32, ran    # "- <new title>\nThe next movie ...": not the whole history prompt again
+
+
+def test_prompt_titles_grow_by_appending():
+    titles = [f"t{i}" for i in range(100)]
+    for n in range(1, 60):
+        shown = recscore.engine.prompt_titles(list(range(n)), titles)
+        assert shown[-1] == f"t{n - 1}" and recscore.engine.HISTORY_TITLES <= len(shown) + (n < 10) * 10 < 20
+        following = recscore.engine.prompt_titles(list(range(n + 1)), titles)
+        # one more event: the same titles plus the new one, except when the start moves on (every 10 events)
+        assert following == shown + [f"t{n}"] or len(following) == recscore.engine.HISTORY_TITLES
+    assert recscore.engine.prompt_titles([], titles) == []
+
+
 def test_explain_stream_joins_to_explain(engine):
     text = engine.explain(3, 1005)
     assert text.strip() and "Traceback" not in text
