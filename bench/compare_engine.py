@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 from bench import protocol  # noqa: F401  (sets OMP_WAIT_POLICY before any runtime starts)
+from bench.engine_latency import timed
 from bench.protocol import BENCH_DIR, machine_info, set_threads
 
 import numpy as np  # noqa: E402
@@ -95,15 +96,6 @@ def build_bundles(log=print):
 def pct(seconds):
     p50, p99 = np.percentile(np.asarray(seconds) * 1e3, [50, 99])
     return float(p50), float(p99)
-
-
-def timed(call, count):
-    out = []
-    for i in range(count):
-        start = time.perf_counter()
-        call(i)
-        out.append(time.perf_counter() - start)
-    return out
 
 
 class Bandwidth:

@@ -56,6 +56,7 @@ from recscore.kernels._backend import like, to_numpy_float32
 from recscore.kernels._rows import ROW_DTYPES, RowTable, as_row_table
 from recscore.kernels._validate import FLOAT_DTYPES, check_array, check_choice, check_exclude, check_finite
 from recscore.kernels.topk import METRICS, check_k
+from recscore.kernels.topk.search import check_result_size
 
 from .engine import STATE_FILE, Engine
 from .state import SQLiteState
@@ -409,6 +410,7 @@ class ShardedIndex:
         if queries.shape[1] != self.dim:
             raise ValueError(f"queries have d = {queries.shape[1]} but corpus rows have d = {self.dim}")
         k = check_k(k)
+        check_result_size(k, queries.shape[0], self._id_limit)   # no (B, huge k) result allocated on the shards
         check_finite("queries", queries)
         exclude = check_exclude(exclude, queries.shape[0], self._id_limit)
         host = to_numpy_float32(queries)

@@ -411,12 +411,16 @@ def _query_int(request, name, default, low, high):
     return _int(name, int(raw), low, high)
 
 
+def _path_id(request, name):
+    raw = request.path_params[name]
+    if not INTEGER.fullmatch(raw):
+        raise _invalid(f"{name} must be an integer id, got {raw[:40]!r}")
+    return _id(name, int(raw))
+
+
 @_endpoint("read")
 async def similar(server, request, body):
-    raw = request.path_params["item"]
-    if not INTEGER.fullmatch(raw):
-        raise _invalid(f"item must be an integer id, got {raw[:40]!r}")
-    item = _id("item", int(raw))
+    item = _path_id(request, "item")
     k = _query_int(request, "k", 10, 1, server.limits.k)
     items, scores = await server.call(server.engine.similar_items, item, k)
     return {"item": item, "items": [{"item": int(i), "score": float(s) if math.isfinite(s) else None}
@@ -450,10 +454,7 @@ def _title(engine, item):
 
 @_endpoint("read")
 async def user_history(server, request, body):
-    raw = request.path_params["user"]
-    if not INTEGER.fullmatch(raw):
-        raise _invalid(f"user must be an integer id, got {raw[:40]!r}")
-    user = _id("user", int(raw))
+    user = _path_id(request, "user")
     limit = _query_int(request, "limit", HISTORY_EVENTS, 1, server.limits.k)
     engine = server.engine
     events = await server.call(_history, engine, user)
