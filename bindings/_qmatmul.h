@@ -40,7 +40,8 @@ typedef struct {
     int qm_matmul##suffix(const qm_matrix *w, const float *x, int64_t M, float *out, int threads);            \
     int64_t qm_panel_bytes##suffix(int64_t N, int64_t K);                                                      \
     int qm_repack##suffix(const qm_matrix *w, uint8_t *panels, int threads);                                   \
-    int qm_panel_matmul##suffix(int fmt, const uint8_t *panels, int64_t N, int64_t K, const float *x, int64_t M, \
+    int qm_panel_matmul##suffix(int fmt, const uint8_t *panels, int64_t N, int64_t K, int64_t group_size,         \
+                                const float *x, int64_t M, \
                                 float *out, int threads);                                                      \
     int qm_streamed_panel_matmul##suffix(const qm_matrix *w, const float *x, int64_t M, float *out, int threads); \
     int qm_float_matmul##suffix(const qm_matrix *w, const float *x, int64_t M, float *out, int threads);      \
@@ -56,7 +57,7 @@ typedef struct {
     int (*matmul)(const qm_matrix *, const float *, int64_t, float *, int);
     int64_t (*panel_bytes)(int64_t, int64_t);
     int (*repack)(const qm_matrix *, uint8_t *, int);
-    int (*panel_matmul)(int, const uint8_t *, int64_t, int64_t, const float *, int64_t, float *, int);
+    int (*panel_matmul)(int, const uint8_t *, int64_t, int64_t, int64_t, const float *, int64_t, float *, int);
     int (*streamed_panel_matmul)(const qm_matrix *, const float *, int64_t, float *, int);
     int (*float_matmul)(const qm_matrix *, const float *, int64_t, float *, int);
     int (*take)(const qm_matrix *, const int64_t *, int64_t, float *, int);
@@ -85,10 +86,11 @@ static int qm_repack(int level, const qm_matrix *w, uint8_t *panels, int threads
     return rs_level_ok(level) ? qm_levels[level].repack(w, panels, threads) : RS_ERR_LEVEL;
 }
 
-static int qm_panel_matmul(int level, int fmt, const uint8_t *panels, int64_t N, int64_t K, const float *x, int64_t M,
-                           float *out, int threads)
+static int qm_panel_matmul(int level, int fmt, const uint8_t *panels, int64_t N, int64_t K, int64_t group_size,
+                           const float *x, int64_t M, float *out, int threads)
 {
-    return rs_level_ok(level) ? qm_levels[level].panel_matmul(fmt, panels, N, K, x, M, out, threads) : RS_ERR_LEVEL;
+    return rs_level_ok(level) ? qm_levels[level].panel_matmul(fmt, panels, N, K, group_size, x, M, out, threads)
+                              : RS_ERR_LEVEL;
 }
 
 static int qm_streamed_panel_matmul(int level, const qm_matrix *w, const float *x, int64_t M, float *out, int threads)

@@ -26,8 +26,8 @@ cdef extern from "_qmatmul.h" nogil:
     int qm_matmul(int level, const qm_matrix *w, const float *x, int64_t M, float *out, int threads)
     int64_t qm_panel_bytes(int level, int64_t N, int64_t K)
     int qm_repack(int level, const qm_matrix *w, uint8_t *panels, int threads)
-    int qm_panel_matmul(int level, int fmt, const uint8_t *panels, int64_t N, int64_t K, const float *x, int64_t M,
-                        float *out, int threads)
+    int qm_panel_matmul(int level, int fmt, const uint8_t *panels, int64_t N, int64_t K, int64_t group_size,
+                        const float *x, int64_t M, float *out, int threads)
     int qm_streamed_panel_matmul(int level, const qm_matrix *w, const float *x, int64_t M, float *out, int threads)
     int qm_float_matmul(int level, const qm_matrix *w, const float *x, int64_t M, float *out, int threads)
     int qm_take(int level, const qm_matrix *w, const int64_t *rows, int64_t n_rows, float *out, int threads)
@@ -169,18 +169,21 @@ def repack(int fmt, const uint8_t[:, ::1] data, const float[:, ::1] scales, int6
     _check_status(status, "repack")
 
 
-def panel_matmul(int fmt, const uint8_t[::1] panels, const float[:, ::1] x, float[:, ::1] out, int threads,
-                 int level):
-    """out (M, N) = x (M, K) @ W.T from repack's panels of W (format id fmt, built at the same level)."""
+def panel_matmul(int fmt, const uint8_t[::1] panels, int64_t group_size, const float[:, ::1] x, float[:, ::1] out,
+                 int threads, int level):
+    """out (M, N) = x (M, K) @ W.T from repack's panels of W (format id fmt, built at the same level;
+    group_size: W's, which for int8 and int4 is also the block x is quantized by)."""
     _check_level(level)
     cdef int64_t N = out.shape[1], K = x.shape[1], M = x.shape[0]
+    cdef bint grouped = fmt == QM_INT8 or fmt == QM_INT4
     if not 0 <= fmt < QM_FORMATS or fmt == QM_F16 or K < 32 or K % _BLOCK_WEIGHTS[fmt] or K % 32 or N < 1 or M < 1 \
-            or out.shape[0] != M or threads < 1 or panels.shape[0] != qm_panel_bytes(level, N, K):
-        raise ValueError(f"qmatmul panel kernel: {panels.shape[0]} panel bytes, x ({M}, {K}) and out "
-                         f"({out.shape[0]}, {N}) do not fit format id {fmt} at level {level}")
+            or out.shape[0] != M or threads < 1 or panels.shape[0] != qm_panel_bytes(level, N, K) \
+            or (grouped and (group_size < 32 or group_size % 32 or K % group_size)):
+        raise ValueError(f"qmatmul panel kernel: {panels.shape[0]} panel bytes, group size {group_size}, x ({M}, {K}) "
+                         f"and out ({out.shape[0]}, {N}) do not fit format id {fmt} at level {level}")
     cdef int status
     with nogil:
-        status = qm_panel_matmul(level, fmt, &panels[0], N, K, &x[0, 0], M, &out[0, 0], threads)
+        status = qm_panel_matmul(level, fmt, &panels[0], N, K, group_size, &x[0, 0], M, &out[0, 0], threads)
     _check_status(status, "panel kernel")
 
 

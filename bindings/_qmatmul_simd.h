@@ -274,16 +274,26 @@ static void qm_row_scales(const qm_matrix *w, int64_t r, float *scale16, float *
 
 typedef struct {
     int8_t *q;          /* M x K: rint(x / d), |q| <= 127 */
-    float *d;           /* M x K / 32: max|x| / 127 of each block */
+    float *d;           /* M x K / 32: max|x| / 127 of each activation block, repeated for its blocks of 32 */
     float *sum;         /* M x K / 32: the exact float sum of each block (q4_k's mins term) */
     int32_t *qsum;      /* M x K / 16: the sum of q over each half block */
     uint8_t *u;         /* with `biased`: M x K, q + 128 (panels of signed codes at the VNNI level) */
+    int64_t span;       /* blocks of 32 per activation block: d is one value across them */
     void *memory;
 } qm_acts;
 
-static int qm_quantize(const float *x, int64_t M, int64_t K, int biased, qm_acts *a)
+/* Blocks of 32 per activation block: int8 and int4 quantize x per weight group (one int32 sum and
+ * one scaling per group, as the GGUF formats do per block of theirs), the GGUF formats per 32. */
+static int64_t qm_span(int fmt, int64_t group_size) { return fmt == QM_INT8 || fmt == QM_INT4 ? group_size / 32 : 1; }
+
+/* x -> int8 per activation block of 32 span values, in one pass on `threads` threads (above
+ * QM_QUANTIZE_SERIAL_BLOCKS blocks: at large M it is a tenth or more of the product). */
+#define QM_QUANTIZE_SERIAL_BLOCKS 4096
+static int qm_quantize(const float *x, int64_t M, int64_t K, int fmt, int64_t span, int biased, int threads,
+                       qm_acts *a)
 {
-    const int64_t blocks = M * (K / QM_BLOCK);
+    const int64_t blocks = M * (K / QM_BLOCK), width = QM_BLOCK * span;
+    const int sums = fmt == QM_Q4_K, qsums = !QM_SIGNED(fmt);   /* the horizontal sums only where read */
     a->memory = malloc((size_t)(M * K) * (biased ? 2 : 1) + sizeof(float) * (size_t)(4 * blocks));
     if (a->memory == NULL)
         return RS_ERR_MEMORY;
@@ -292,32 +302,39 @@ static int qm_quantize(const float *x, int64_t M, int64_t K, int biased, qm_acts
     a->qsum = (int32_t *)(a->sum + blocks);
     a->q = (int8_t *)(a->qsum + 2 * blocks);
     a->u = biased ? (uint8_t *)(a->q + M * K) : NULL;
-    for (int64_t i = 0; i < blocks; i++) {
-        vf v[QM_BLOCK / VF_LANES], amax = vf_zero(), sum = vf_zero();
-        for (int k = 0; k < QM_BLOCK / VF_LANES; k++) {
-            v[k] = vf_load(x + QM_BLOCK * i + VF_LANES * k);
-            amax = vf_max(amax, vf_abs(v[k]));
-            sum = vf_add(sum, v[k]);
-        }
+    a->span = span;
+    #pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1 && blocks > QM_QUANTIZE_SERIAL_BLOCKS)
+    for (int64_t g = 0; g < blocks / span; g++) {
+        const float *xg = x + width * g;
+        vf amax = vf_zero();
+        for (int64_t k = 0; k < width; k += VF_LANES)
+            amax = vf_max(amax, vf_abs(vf_load(xg + k)));
         const float m = vf_reduce_max(amax);
         const vf inverse = vf_set1(m > 0.0f ? 127.0f / m : 0.0f);
-        vi halves[2] = {vi_zero(), vi_zero()};
-        for (int k = 0; k < QM_BLOCK / VF_LANES; k++) {
-            const vi q = vf_to_vi(vf_mul(v[k], inverse));   /* round to nearest even; |q| <= 127 */
-            vi_store_i8(a->q + QM_BLOCK * i + VF_LANES * k, q);
-            halves[k * VF_LANES / (QM_BLOCK / 2)] = vi_add(halves[k * VF_LANES / (QM_BLOCK / 2)], q);
+        for (int64_t i = span * g; i < span * (g + 1); i++) {
+            vf sum = vf_zero();
+            vi halves[2] = {vi_zero(), vi_zero()};
+            for (int k = 0; k < QM_BLOCK / VF_LANES; k++) {
+                const vf v = vf_load(x + QM_BLOCK * i + VF_LANES * k);
+                const vi q = vf_to_vi(vf_mul(v, inverse));   /* round to nearest even; |q| <= 127 */
+                vi_store_i8(a->q + QM_BLOCK * i + VF_LANES * k, q);
+                if (sums)
+                    sum = vf_add(sum, v);
+                if (qsums)
+                    halves[k * VF_LANES / (QM_BLOCK / 2)] = vi_add(halves[k * VF_LANES / (QM_BLOCK / 2)], q);
+            }
+            a->d[i] = m / 127.0f;
+            a->sum[i] = sums ? vf_reduce_add(sum) : 0.0f;
+            a->qsum[2 * i] = qsums ? vi_reduce_add(halves[0]) : 0;
+            a->qsum[2 * i + 1] = qsums ? vi_reduce_add(halves[1]) : 0;
+            if (biased) {   /* restrict: the compiler may then vectorise the loop */
+                const int8_t *restrict q = a->q + QM_BLOCK * i;
+                uint8_t *restrict u = a->u + QM_BLOCK * i;
+                for (int j = 0; j < QM_BLOCK; j++)
+                    u[j] = (uint8_t)(q[j] ^ 0x80);
+            }
         }
-        a->d[i] = m / 127.0f;
-        a->sum[i] = vf_reduce_add(sum);
-        a->qsum[2 * i] = vi_reduce_add(halves[0]);
-        a->qsum[2 * i + 1] = vi_reduce_add(halves[1]);
     }
-    for (int64_t i = 0; biased && i < M * K; i += QM_VI_BYTES)   /* M K: a multiple of 32, and of 64 or not */
-        if (i + QM_VI_BYTES <= M * K)
-            vi_store(a->u + i, vi_xor(vi_load(a->q + i), vi_set1((int32_t)0x80808080u)));
-        else
-            for (int64_t j = i; j < M * K; j++)
-                a->u[j] = (uint8_t)(a->q[j] ^ 0x80);
     return RS_OK;
 }
 
@@ -667,7 +684,7 @@ int SIMD_FN(qm_matmul)(const qm_matrix *w, const float *x, int64_t M, float *out
     const int64_t n_tiles = (N + QM_TILE - 1) / QM_TILE, tile_bytes = QM_TILE * w->row_bytes;
     qm_acts acts;
     qm_row_acts row_acts;
-    if (qm_quantize(x, M, K, 0, &acts) != RS_OK)
+    if (qm_quantize(x, M, K, fmt, qm_span(fmt, G), 0, threads, &acts) != RS_OK)
         return RS_ERR_MEMORY;
     if (qm_arrange(w, M, &acts, &row_acts) != RS_OK) {
         free(acts.memory);
@@ -786,22 +803,30 @@ SIMD_INLINE void qm_panel_tile(const int fmt, const int XR, const int NP, const 
     const int bias = qm_bias(fmt), halves = fmt == QM_Q6_K ? 2 : 1, run = qm_i16_run(fmt);
     const vi ones = vi_set1(0x00010001);
     vf acc[QM_PANEL_XROWS][QM_PANEL_COLS];
+    vi isum[QM_PANEL_XROWS][QM_PANEL_COLS];
     for (int m = 0; m < XR; m++)
-        for (int p = 0; p < NP; p++)
+        for (int p = 0; p < NP; p++) {
             acc[m][p] = vf_zero();
-    for (int64_t b = 0; b < nb; b++) {
+            isum[m][p] = vi_zero();   /* set at each activation block's first block; this quiets -Wmaybe-uninitialized */
+        }
+    /* int8, int4: the int32 sums run over a whole activation block (a weight group), then one scaling */
+    const int64_t span = fmt == QM_INT8 || fmt == QM_INT4 ? a->span : 1;
+    for (int64_t b0 = 0; b0 < nb; b0 += span)
+    for (int64_t b = b0; b < b0 + span; b++) {
         const uint8_t *block[QM_PANEL_COLS];
         for (int p = 0; p < NP; p++)
             block[p] = group + (p * nb + b) * QM_PANEL_BLOCK;
+        const int first = b == b0, last = b == b0 + span - 1;
         QM_UNROLL
         for (int h = 0; h < halves; h++) {   /* q6_k: codes 0-15 and 16-31 of the block have their own scale */
-            vi isum[QM_PANEL_XROWS][QM_PANEL_COLS];
             for (int m = 0; m < XR; m++) {
                 const int32_t *qsum = a->qsum + 2 * ((m0 + m) * nb + b);
                 const vi seed = vi_set1(-bias * (halves == 2 ? qsum[h] : qsum[0] + qsum[1]));
-                for (int p = 0; p < NP; p++)
-                    isum[m][p] = !QM_SIGNED(fmt) ? seed
-                               : SIMD_LEVEL == 3 ? vi_load(block[p] + QM_PANEL_SEEDS) : vi_zero();
+                for (int p = 0; p < NP; p++) {
+                    const vi block_seed = !QM_SIGNED(fmt) ? seed
+                                        : SIMD_LEVEL == 3 ? vi_load(block[p] + QM_PANEL_SEEDS) : vi_zero();
+                    isum[m][p] = first ? block_seed : vi_add(isum[m][p], block_seed);
+                }
             }
             QM_UNROLL
             for (int j0 = 8 / halves * h; j0 < 8 / halves * (h + 1); j0 += run) {
@@ -838,6 +863,8 @@ SIMD_INLINE void qm_panel_tile(const int fmt, const int XR, const int NP, const 
                         for (int p = 0; p < NP; p++)
                             isum[m][p] = vi_dpwssd(isum[m][p], part[m][p], ones);
             }
+            if (!last)
+                continue;
             vf scale[QM_PANEL_COLS];
             for (int p = 0; p < NP; p++)
                 scale[p] = vf_load((const float *)(block[p] + (h ? QM_PANEL_EXTRA : QM_PANEL_SCALES)));
@@ -903,13 +930,13 @@ SIMD_INLINE void qm_panel_group(int fmt, const uint8_t *group, int64_t p0, int64
 
 /* out (M, N) = x (M, K) @ W.T from qm_repack's panels. Parallel over groups of QM_PANEL_COLS panels (their
  * codes stay in L1/L2 while every activation row meets them), statically split. */
-int SIMD_FN(qm_panel_matmul)(int fmt, const uint8_t *panels, int64_t N, int64_t K, const float *x, int64_t M,
-                             float *out, int threads)
+int SIMD_FN(qm_panel_matmul)(int fmt, const uint8_t *panels, int64_t N, int64_t K, int64_t group_size, const float *x,
+                             int64_t M, float *out, int threads)
 {
     const int64_t n_panels = (N + QM_PANEL_ROWS - 1) / QM_PANEL_ROWS;
     const int64_t n_groups = (n_panels + QM_PANEL_COLS - 1) / QM_PANEL_COLS;
     qm_acts acts;
-    if (qm_quantize(x, M, K, SIMD_LEVEL == 3 && QM_SIGNED(fmt), &acts) != RS_OK)
+    if (qm_quantize(x, M, K, fmt, qm_span(fmt, group_size), SIMD_LEVEL == 3 && QM_SIGNED(fmt), threads, &acts) != RS_OK)
         return RS_ERR_MEMORY;
     #pragma omp parallel for schedule(static) num_threads(threads) if (n_groups > 1)
     for (int64_t g = 0; g < n_groups; g++)
@@ -929,7 +956,7 @@ int SIMD_FN(qm_streamed_panel_matmul)(const qm_matrix *w, const float *x, int64_
     const int64_t n_panels = (N + QM_PANEL_ROWS - 1) / QM_PANEL_ROWS;
     const int64_t n_groups = (n_panels + QM_PANEL_COLS - 1) / QM_PANEL_COLS;
     qm_acts acts;
-    if (qm_quantize(x, M, K, SIMD_LEVEL == 3 && QM_SIGNED(fmt), &acts) != RS_OK)
+    if (qm_quantize(x, M, K, fmt, qm_span(fmt, w->group_size), SIMD_LEVEL == 3 && QM_SIGNED(fmt), threads, &acts) != RS_OK)
         return RS_ERR_MEMORY;
     int failed = 0;
     #pragma omp parallel num_threads(threads) if (n_groups > 1)

@@ -8,8 +8,9 @@ Error bounds, with y64 the float64 product of x and dequantize():
   1.2e-7 (one rounding of the float64 result); cpu 2e-5; triton 2e-5 under the interpreter, 2e-3
   on a GPU (tl.dot in tf32).
 - int8 activations (cpu, every M, every level: q8_0, q5_0, q4_k, q6_k, int8 and int4 where
-  cpu.int8_activations): x is rounded to d * rint(x / d) with d = max|x| / 127 per block of 32, an
-  error of at most d / 2 per element, so |y - y64| <= (1.01 / 254 + 2e-5) * (xmax @ |Wq|.T),
+  cpu.int8_activations): x is rounded to d * rint(x / d) with d = max|x| / 127 per activation block
+  (cpu.activation_block: 32, the weight group for int8 and int4), an error of at most d / 2 per
+  element, so |y - y64| <= (1.01 / 254 + 2e-5) * (xmax @ |Wq|.T),
   xmax = each |x| replaced by its block's max, |Wq| = |W| except for q4_k, whose integer part
   d*sc*q is |W + dmin*m| (the mins term uses the exact float sum of x). Relative L2 error on
   Gaussian x: 3e-3..8e-3 for every format, asserted < 1e-2. The integer dot products are exact at
@@ -133,7 +134,8 @@ def check_close(y, x, qm, backend, int8_activations=None):
     if int8_activations:
         # the weights the int8 activations multiply (q4_k: with its mins, whose part is exact)
         integer_part = weight + q4_k_mins(qm) if qm.fmt == "q4_k" else weight
-        block_max = np.repeat(np.abs(x64).reshape(x64.shape[0], -1, 32).max(axis=2, initial=0.0), 32, axis=1)
+        block = cpu.activation_block(qm)
+        block_max = np.repeat(np.abs(x64).reshape(x64.shape[0], -1, block).max(axis=2, initial=0.0), block, axis=1)
         bound = (1.01 / 254 + 2e-5) * (block_max @ np.abs(integer_part).T) + 1e-30
     else:
         bound = RTOL[backend] * (np.abs(x64) @ np.abs(weight).T) + 1e-30
@@ -243,8 +245,8 @@ def test_float_kernel_every_format(rng, cpu_level, fmt, group_size):
         check_close(out, x, qm, "cpu", int8_activations=False)
 
 
-INT8_CASES = [("q8_0", 32), ("q5_0", 32), ("q4_k", 256), ("q6_k", 256), ("int8", 32), ("int8", 96), ("int4", 32),
-              ("int4", 64), ("int4", 128)]
+INT8_CASES = [("q8_0", 32), ("q5_0", 32), ("q4_k", 256), ("q6_k", 256), ("int8", 32), ("int8", 96), ("int8", 128),
+              ("int4", 32), ("int4", 64), ("int4", 128)]
 
 
 @pytest.mark.parametrize("fmt,group_size", INT8_CASES)
@@ -263,7 +265,7 @@ def test_int8_activation_kernels(rng, monkeypatch, cpu_level, fmt, group_size):
             kernels = {"rows": lambda out, threads: _qmatmul.matmul(*kernel_args(qm), x, out, threads, level)}
             if M > 1:
                 kernels["panels"] = lambda out, threads: _qmatmul.panel_matmul(
-                    cpu.FORMAT_IDS[fmt], cpu.panels(qm, level), x, out, threads, level)
+                    cpu.FORMAT_IDS[fmt], cpu.panels(qm, level), qm.group_size, x, out, threads, level)
                 kernels["streamed panels"] = lambda out, threads: _qmatmul.streamed_panel_matmul(
                     *kernel_args(qm), x, out, threads, level)
             results = {}
@@ -286,14 +288,15 @@ def test_int8_activation_kernels(rng, monkeypatch, cpu_level, fmt, group_size):
                 assert qmatmul(x, qm).tobytes() == results[large].tobytes()
 
 
-def exact_integer_matrix(rng, fmt, rows, in_features):
+def exact_integer_matrix(rng, fmt, rows, in_features, group_size=32):
     """A matrix whose weights are small integers (unit scales): with integer activations every product
     and partial sum is an integer below 2**24, exact in float32 whatever the order."""
     if fmt in ("int8", "int4"):
         levels = 127 if fmt == "int8" else 7
         codes = rng.integers(-levels, levels + 1, (rows, in_features)).astype(np.int8)
-        data = codes if fmt == "int8" else reference.pack_int4(codes, 32)
-        return QuantizedMatrix(fmt, (rows, in_features), data, np.ones((rows, in_features // 32), np.float32), 32)
+        data = codes if fmt == "int8" else reference.pack_int4(codes, group_size)
+        return QuantizedMatrix(fmt, (rows, in_features), data,
+                               np.ones((rows, in_features // group_size), np.float32), group_size)
     raw = random_blocks(rng, fmt, rows, in_features).reshape(-1, reference.GGUF_BLOCKS[fmt][1])
     one = np.array([1.0], np.float16).view(np.uint8)
     if fmt == "q4_k":   # d = 1, dmin = 1, 6-bit scales and mins 0..3 (the low 2 bits of every packed byte)
@@ -307,12 +310,14 @@ def exact_integer_matrix(rng, fmt, rows, in_features):
     return QuantizedMatrix(fmt, (rows, in_features), raw.reshape(rows, -1), group_size=reference.GGUF_BLOCKS[fmt][0])
 
 
-@pytest.mark.parametrize("fmt", ["q8_0", "q5_0", "q4_k", "q6_k", "int8", "int4"])
-def test_integer_dot_products_are_exact_at_every_level(rng, monkeypatch, cpu_level, fmt):
+@pytest.mark.parametrize("fmt,group_size", [("q8_0", 32), ("q5_0", 32), ("q4_k", 256), ("q6_k", 256), ("int8", 32),
+                                            ("int8", 128), ("int4", 32), ("int4", 128)])
+def test_integer_dot_products_are_exact_at_every_level(rng, monkeypatch, cpu_level, fmt, group_size):
     """Codes at their extremes (q8_0 -128..127), activations integers with 127 in every block (d = 1):
-    x is quantized exactly and every kernel returns the exact product, bit for bit."""
+    x is quantized exactly and every kernel returns the exact product, bit for bit (int8 and int4 with
+    groups of 128: the int32 sums span four blocks of 32 before the one scaling)."""
     in_features = 512
-    qm = exact_integer_matrix(rng, fmt, OUT_FEATURES, in_features)
+    qm = exact_integer_matrix(rng, fmt, OUT_FEATURES, in_features, group_size)
     for M in (1, 3, 17):
         x = rng.integers(-127, 128, (M, in_features)).astype(np.float32)
         x[:, ::32] = 127.0
@@ -336,7 +341,7 @@ def test_levels_this_cpu_lacks_are_refused(rng):
                  lambda: _qmatmul.streamed_panel_matmul(fid, data, scales, group_size, x, out, 1, level),
                  lambda: _qmatmul.panel_bytes(OUT_FEATURES, 64, level),
                  lambda: _qmatmul.repack(fid, data, scales, group_size, 64, np.zeros(panels.nbytes, np.uint8), 1, level),
-                 lambda: _qmatmul.panel_matmul(fid, panels, x, out, 1, level),
+                 lambda: _qmatmul.panel_matmul(fid, panels, group_size, x, out, 1, level),
                  lambda: _qmatmul.take(fid, data, scales, group_size, np.zeros(1, np.int64), np.empty((1, 64), np.float32),
                                        1, level)]
         for call in calls:
@@ -363,10 +368,12 @@ def test_panels_are_kept_per_level_and_checked(rng, monkeypatch):
     assert panels.nbytes == _qmatmul.panel_bytes(OUT_FEATURES, 64, level) and panels.ctypes.data % 64 == 0
     assert not panels.flags.writeable
     fid, data, scales, group_size = kernel_args(qm)
-    for args in [(4, panels[:-1], x, np.empty((5, OUT_FEATURES), np.float32)),
-                 (4, panels, x, np.empty((5, OUT_FEATURES + 16), np.float32)),
-                 (3, panels, x, np.empty((5, OUT_FEATURES), np.float32)),
-                 (6, panels, x, np.empty((5, OUT_FEATURES), np.float32))]:
+    for args in [(4, panels[:-1], 32, x, np.empty((5, OUT_FEATURES), np.float32)),
+                 (4, panels, 32, x, np.empty((5, OUT_FEATURES + 16), np.float32)),
+                 (3, panels, 32, x, np.empty((5, OUT_FEATURES), np.float32)),
+                 (6, panels, 32, x, np.empty((5, OUT_FEATURES), np.float32)),
+                 (4, panels, 48, x, np.empty((5, OUT_FEATURES), np.float32)),     # int8 groups: 32 k dividing K
+                 (4, panels, 128, x, np.empty((5, OUT_FEATURES), np.float32))]:
         with pytest.raises(ValueError, match="do not fit"):
             _qmatmul.panel_matmul(*args, 1, level)
     with pytest.raises(ValueError, match="do not fit"):

@@ -197,7 +197,8 @@ def qmatmul(x, qm):
     """x float (M, in) -> float32 (M, out) = x @ W.T, accumulated in float32, as x's kind of array.
 
     Accuracy on the cpu backend (the rule is cpu.uses_vnni): for q8_0, q5_0, q4_k, q6_k, int8 and
-    int4 on an AVX-512 VNNI CPU, x is quantized to int8 per block of 32 (as llama.cpp does) and
+    int4 on an AVX-512 VNNI CPU, x is quantized to int8 per block (32 values for the GGUF formats, as
+    llama.cpp does; the weight group for int8 and int4) and
     |y - x @ W.T| <= (1.01 / 254 + 2e-5) * (xmax @ |W|.T), xmax = each |x| replaced by the max |x|
     of its block (q4_k: |W| + its mins term); about 5e-3 relative L2 error on Gaussian x.
     Otherwise x stays float32: |error| <= 5e-5 * (|x| @ |W|.T).

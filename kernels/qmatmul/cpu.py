@@ -2,8 +2,9 @@
 thread's vector level (kernels/_cpu.py), compiled ahead of time for every level.
 
 matmul: q8_0, q5_0, q4_k, q6_k, int8 and int4 (groups of 32 or a multiple of 64) take the
-int8-activation path (`int8_activations`): x quantized to int8 per block of 32 as llama.cpp does,
-exact integer dot products, float32 scaling per block. M = 1 reads the packed rows (the row kernel);
+int8-activation path (`int8_activations`): x quantized to int8 per block of `activation_block(qm)`
+values (32 for the GGUF formats as llama.cpp does, the weight group for int8 and int4), exact integer
+dot products, float32 scaling once per block. M = 1 reads the packed rows (the row kernel);
 M >= PANEL_MIN_M reads panels of 8 or 16 rows (the level's lanes) repacked once per matrix and level
 and kept in qm.prepared; matrices above PANEL_MAX_WEIGHTS (the 262144-row output projection) keep only
 their packed rows: M >= STREAMED_PANEL_MIN_M repacks a few panels at a time on the fly (the streamed
@@ -41,6 +42,12 @@ def int8_activations(qm):
     if qm.fmt == "int4":
         return qm.group_size == 32 or qm.group_size % 64 == 0
     return qm.group_size % 32 == 0
+
+
+def activation_block(qm):
+    """The values of x that share one int8 scale on the int8-activation path: the int8/int4 weight group
+    (one int32 sum and one scaling per group), else 32."""
+    return qm.group_size if qm.fmt in ("int8", "int4") else 32
 
 
 def uses_panels(qm, M):
@@ -85,7 +92,7 @@ def matmul(x, qm):
         return out
     level, n_threads = cpu_level(), threads(qm, M)
     if uses_panels(qm, M):
-        _qmatmul.panel_matmul(FORMAT_IDS[qm.fmt], panels(qm, level), x, out, n_threads, level)
+        _qmatmul.panel_matmul(FORMAT_IDS[qm.fmt], panels(qm, level), qm.group_size, x, out, n_threads, level)
     elif int8_activations(qm) and M >= STREAMED_PANEL_MIN_M:
         _qmatmul.streamed_panel_matmul(*_matrix(qm), x, out, n_threads, level)
     elif int8_activations(qm):
