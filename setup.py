@@ -54,6 +54,7 @@ extensions = [
     c_kernels("_embedding_bag", ("baseline", "avx2", "avx512")),
     c_kernels("_topk_scan", ("baseline", "avx2", "avx512", "avx512_vnni")),
     c_kernels("_quantize_rows", LEVELS),
+    c_kernels("_attention", ("baseline", "avx2", "avx512")),
 ]
 
 

@@ -193,6 +193,7 @@ SIMD_INLINE vi vi_sub(vi a, vi b) { return _mm512_sub_epi32(a, b); }
 SIMD_INLINE vi vi_mullo(vi a, vi b) { return _mm512_mullo_epi32(a, b); }
 SIMD_INLINE vf vi_to_vf(vi a) { return _mm512_cvtepi32_ps(a); }
 SIMD_INLINE vi vf_to_vi(vf a) { return _mm512_cvtps_epi32(a); }   /* round to nearest even */
+SIMD_INLINE vf vi_as_vf(vi a) { return _mm512_castsi512_ps(a); }   /* the same bits as float32 lanes */
 SIMD_INLINE int32_t vi_reduce_add(vi a) { return _mm512_reduce_add_epi32(a); }
 /* acc + per lane the sum of 4 adjacent products u[j] * s[j] of unsigned bytes u and signed bytes s.
  * Exact at every level when no two adjacent products sum beyond int16 (|u| <= 127, or s never -128
@@ -401,6 +402,7 @@ SIMD_INLINE vi vi_sub(vi a, vi b) { return _mm256_sub_epi32(a, b); }
 SIMD_INLINE vi vi_mullo(vi a, vi b) { return _mm256_mullo_epi32(a, b); }
 SIMD_INLINE vf vi_to_vf(vi a) { return _mm256_cvtepi32_ps(a); }
 SIMD_INLINE vi vf_to_vi(vf a) { return _mm256_cvtps_epi32(a); }
+SIMD_INLINE vf vi_as_vf(vi a) { return _mm256_castsi256_ps(a); }   /* the same bits as float32 lanes */
 SIMD_INLINE int32_t vi_reduce_add(vi a)
 {
     __m128i s = _mm_add_epi32(_mm256_castsi256_si128(a), _mm256_extracti128_si256(a, 1));
@@ -530,6 +532,7 @@ SIMD_INLINE vi vi_sub(vi a, vi b) { SIMD_LANEWISE(vi, (int32_t)((uint32_t)a.v[j]
 SIMD_INLINE vi vi_mullo(vi a, vi b) { SIMD_LANEWISE(vi, (int32_t)((uint32_t)a.v[j] * (uint32_t)b.v[j])); }
 SIMD_INLINE vf vi_to_vf(vi a) { SIMD_LANEWISE(vf, (float)a.v[j]); }
 SIMD_INLINE vi vf_to_vi(vf a) { SIMD_LANEWISE(vi, (int32_t)lrintf(a.v[j])); }
+SIMD_INLINE vf vi_as_vf(vi a) { vf r; memcpy(r.v, a.v, sizeof r.v); return r; }   /* the same bits as float32 lanes */
 SIMD_INLINE int32_t vi_reduce_add(vi a)
 {
     uint32_t s = 0;

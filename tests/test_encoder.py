@@ -14,6 +14,9 @@ pytest.importorskip("tokenizers")
 pytest.importorskip("safetensors")
 
 from bench.encoder_texts import MOVIELENS, mixed_texts, movielens_item_texts  # noqa: E402
+from recscore.bindings import _attention  # noqa: E402
+from recscore.kernels import cpu_info  # noqa: E402
+from recscore.kernels._cpu import LEVELS  # noqa: E402
 from recscore.models import minilm  # noqa: E402
 from recscore.models.minilm import Encoder  # noqa: E402
 
@@ -59,46 +62,67 @@ def cosines(a, b):
 
 # ---- kernels -----------------------------------------------------------------------------------
 
-def test_erf_and_exp_approximations():
+def test_erf_approximation():
     x = np.linspace(-6, 6, 20001, dtype=np.float32)
     erf = np.array([minilm.erf(v) for v in x])
     assert np.abs(erf - np.array([math.erf(float(v)) for v in x])).max() < 1e-6
-    x = np.linspace(-87, 0, 20001, dtype=np.float32)
-    exp = np.array([minilm.exp_nonpositive(v) for v in x], dtype=np.float64)
-    assert np.abs(exp / np.exp(x.astype(np.float64)) - 1).max() < 5e-7
-    assert minilm.exp_nonpositive(np.float32(-1e30)) < 1e-37
 
 
 def attention_reference(qkv, bias, starts, n_head):
     x = qkv.astype(np.float64) + bias
-    dim = n_head * minilm.HEAD_DIM
+    dim = qkv.shape[1] // 3
+    head_dim = dim // n_head
     out = np.empty((qkv.shape[0], dim))
     for s in range(len(starts) - 1):
         rows = slice(starts[s], starts[s + 1])
-        q, k, v = (x[rows, part * dim:(part + 1) * dim].reshape(-1, n_head, minilm.HEAD_DIM) for part in range(3))
-        scores = np.einsum("ihd,jhd->hij", q, k) / math.sqrt(minilm.HEAD_DIM)
+        if starts[s] == starts[s + 1]:
+            continue
+        q, k, v = (x[rows, part * dim:(part + 1) * dim].reshape(-1, n_head, head_dim) for part in range(3))
+        scores = np.einsum("ihd,jhd->hij", q, k) / math.sqrt(head_dim)
         p = np.exp(scores - scores.max(axis=-1, keepdims=True))
         p /= p.sum(axis=-1, keepdims=True)
         out[rows] = np.einsum("hij,jhd->ihd", p, v).reshape(-1, dim)
     return out
 
 
-@pytest.mark.parametrize("parallel", [False, True])
-def test_attention_matches_numpy(rng, parallel):
+@pytest.mark.parametrize("head_dim", [32, 64])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_attention_kernel_matches_numpy(rng, cpu_level, head_dim, threads):
+    """The C attention at every level: texts of 0 to 300 tokens (every padding tail), a text with sharp
+    (saturated) softmax rows and one row far below the others, large biases (the key bias cancels)."""
     n_head = 3
-    lengths = [1, 2, 15, 16, 17, 63, 64, 100]
+    lengths = [1, 2, 15, 16, 17, 0, 63, 64, 100, 300, 5]
     starts = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
-    qkv = rng.standard_normal((starts[-1], 3 * n_head * minilm.HEAD_DIM)).astype(np.float32)
-    qkv[starts[5]:starts[6], :n_head * minilm.HEAD_DIM] *= 40   # one text with sharp (saturated) softmax rows
-    qkv[starts[5], :minilm.HEAD_DIM] = 0                        # ... and one row far below the others: its own shift
-    bias = rng.standard_normal(qkv.shape[1]).astype(np.float32)
-    out = np.full((qkv.shape[0], n_head * minilm.HEAD_DIM), np.nan, dtype=np.float32)
-    n_items = (len(starts) - 1) * n_head
-    if parallel:
-        minilm.attention_parallel(qkv, bias, starts, n_head, out, 4)
-    else:
-        minilm.attention_items(qkv, bias, starts, n_head, out, 0, n_items, 1)
+    dim = n_head * head_dim
+    qkv = rng.standard_normal((starts[-1], 3 * dim)).astype(np.float32)
+    qkv[starts[6]:starts[7], :dim] *= 40
+    qkv[starts[6], :head_dim] = 0
+    bias = (rng.standard_normal(qkv.shape[1]) * 3).astype(np.float32)
+    before = qkv.copy()
+    out = np.full((qkv.shape[0], dim), np.nan, dtype=np.float32)
+    _attention.attention(qkv, bias, starts, n_head, out, threads, LEVELS.index(cpu_level))
     np.testing.assert_allclose(out, attention_reference(qkv, bias, starts, n_head), rtol=1e-4, atol=1e-4)
+    assert np.array_equal(qkv, before)
+
+
+def test_attention_kernel_checks_its_arguments(rng):
+    qkv, bias = np.zeros((5, 3 * 64), np.float32), np.zeros(3 * 64, np.float32)
+    starts, out = np.array([0, 2, 5], np.int64), np.zeros((5, 64), np.float32)
+    level = LEVELS.index(cpu_info()["level"])
+    _attention.attention(qkv, bias, starts, 2, out, 1, level)
+    bad = [((qkv.astype(np.float64), bias, starts, 2, out), TypeError, "qkv"),
+           ((qkv, bias, starts.astype(np.int32), 2, out), TypeError, "starts"),
+           ((qkv, bias, starts, 3, out), ValueError, "n_head"),
+           ((qkv, bias[1:], starts, 2, out), ValueError, "bias"),
+           ((qkv, bias, starts, 2, out[1:]), ValueError, "out"),
+           ((qkv, bias, np.array([0, 6], np.int64), 2, out), ValueError, "starts"),
+           ((qkv, bias, np.array([0, 3, 2, 5], np.int64), 2, out), ValueError, "starts"),
+           ((qkv, bias, starts, 2, qkv[:, :64]), ValueError, "out")]
+    for args, error, name in bad:
+        with pytest.raises(error, match=name):
+            _attention.attention(*args, 1, level)
+    with pytest.raises(ValueError, match="CPU level"):
+        _attention.attention(qkv, bias, starts, 2, out, 1, len(LEVELS))
 
 
 def test_layer_norm_and_gelu_kernels(rng):

@@ -4,8 +4,9 @@ A BERT encoder (6 layers, 384 wide, 12 heads, GELU (erf), post-LayerNorm), mean 
 text's tokens and L2 normalisation: the model of sentence-transformers/all-MiniLM-L6-v2, read from
 its safetensors without torch. Linear weights are `quantize_matrix` int8 (default) or int4,
 multiplied with `qmatmul`; "fp32" keeps them float32 (NumPy matmul) as the reference. Activations
-are float32 NumPy between kernels; the glue (embedding, attention, GELU, LayerNorm, pooling) is
-Numba, one source per op with a serial and a parallel entry.
+are float32 NumPy between kernels; attention is a C kernel (bindings/_attention_simd.h, at the CPU's
+vector level); the other glue (embedding, GELU, LayerNorm, pooling) is Numba, one source per op with a
+serial and a parallel entry.
 
 Texts are tokenized with the model's tokenizer.json (the `tokenizers` library), truncated to 256
 tokens as sentence-transformers does, and never padded: a batch's texts are packed one after the
@@ -18,29 +19,26 @@ list gives a (0, 384) array; a lone str is one text.
 """
 import dataclasses
 import json
-import math
 import sys
 from pathlib import Path
 
 import numba
 import numpy as np
-from llvmlite import ir
-from numba import njit, prange, types
-from numba.extending import intrinsic
+from numba import njit, prange
 from tqdm import tqdm
 
+from recscore.bindings import _attention
 from recscore.kernels import QuantizedMatrix, qmatmul, quantize_matrix
+from recscore.kernels._cpu import cpu_level
 
 # Host services encode from many threads: Numba's default `workqueue` layer aborts on concurrent
 # parallel regions, so ask for a thread-safe one (OpenMP or TBB) before any kernel here first runs.
 numba.config.THREADING_LAYER = "threadsafe"
 
 DTYPES = ("int8", "int4", "fp32")
-HEAD_DIM = 32                   # attention's loops unroll over it (a compile-time constant): 384 wide / 12 heads
-LANES = 16                      # float32s in a 512-bit vector: keys are padded to whole vectors
-LONG_KEYS = 64                  # from this many padded keys P @ V runs as dot products along the keys
-SHARED_SHIFT_RANGE = np.float32(60.0)  # softmax rows within this of the item's top score share its shift
-GROUP_SIZE = 32                 # quantize_matrix group: the block the VNNI kernels quantize activations by
+# quantize_matrix groups, which the int8-activation kernels also quantize x by: int8's 128 makes one
+# scaling per 128 products (10-20% faster than 32, cosine to fp32 still ~0.999; bench/notes/encoder.md)
+GROUP_SIZES = {"int8": 128, "int4": 32}
 PARALLEL_MIN_TOKENS = 64        # below: every op on the calling thread (no pool woken; see bench/notes/encoder.md)
 PASS_TOKENS = 4096              # most tokens in one forward pass: bounds activations (25 MB) and keeps them in L2/L3
 PROGRESS_MIN_TEXTS = 1024       # progress=None shows a bar from this many texts, on a terminal
@@ -75,8 +73,8 @@ class ModelArgs:
                    n_head=config["num_attention_heads"], intermediate_size=config["intermediate_size"],
                    max_position_embeddings=config["max_position_embeddings"], norm_eps=config["layer_norm_eps"],
                    max_tokens=min(max_tokens, config["max_position_embeddings"]))
-        if args.dim != args.n_head * HEAD_DIM:
-            raise ValueError(f"{folder}: the attention kernel is built for heads of {HEAD_DIM}, "
+        if args.dim % args.n_head or args.dim // args.n_head not in _attention.HEAD_DIMS:
+            raise ValueError(f"{folder}: the attention kernel takes heads of {_attention.HEAD_DIMS}, "
                              f"got hidden_size {args.dim} / num_attention_heads {args.n_head}")
         return args
 
@@ -124,7 +122,7 @@ def load_weights(folder, args, dtype):
     def matrix(weight):
         if dtype == "fp32":
             return np.ascontiguousarray(weight.T)   # (in, out): x @ it is x @ W.T
-        return quantize_matrix(weight, dtype, group_size=GROUP_SIZE)
+        return quantize_matrix(weight, dtype, group_size=GROUP_SIZES[dtype])
 
     d, ff = args.dim, args.intermediate_size
     layers = []
@@ -152,35 +150,10 @@ def load_weights(folder, args, dtype):
 
 
 # ---------------------------------------------------------------------------------------------
-# Numba kernels. Each op is a kernel over a range of rows (or work items) and a parallel driver
-# that splits the range over the Numba pool; small batches call the kernel itself, on the
-# calling thread. Numba has no vector exp or erf here (no SVML): both are written out below in
-# arithmetic LLVM vectorises.
+# Numba kernels. Each op is a kernel over a range of rows and a parallel driver that splits the
+# range over the Numba pool; small batches call the kernel itself, on the calling thread. Numba
+# has no vector erf here (no SVML): it is written out below in arithmetic LLVM vectorises.
 # ---------------------------------------------------------------------------------------------
-
-@intrinsic
-def _float32_from_bits(typingctx, bits):
-    """The float32 whose IEEE bits are the int32 `bits` (a register bitcast)."""
-    def codegen(context, builder, signature, args):
-        return builder.bitcast(args[0], ir.FloatType())
-    return types.float32(types.int32), codegen
-
-
-@njit(**KERNEL, inline="always")
-def exp_nonpositive(x):
-    """exp(x) for x <= 0 (softmax after the max is subtracted), ~1 ulp: Cephes expf's range
-    reduction and polynomial, 2**n built from its exponent bits; below -87 it gives exp(-87) ~ 1.6e-38."""
-    x = max(x, np.float32(-87.0))
-    n = np.floor(x * np.float32(1.44269504) + np.float32(0.5))
-    r = x - n * np.float32(0.693359375) + n * np.float32(2.12194440e-4)
-    p = np.float32(1.9875691500e-4)
-    p = p * r + np.float32(1.3981999507e-3)
-    p = p * r + np.float32(8.3334519073e-3)
-    p = p * r + np.float32(4.1665795894e-2)
-    p = p * r + np.float32(1.6666665459e-1)
-    p = p * r + np.float32(5.0000001201e-1)
-    return (p * r * r + r + np.float32(1.0)) * _float32_from_bits((np.int32(n) + np.int32(127)) << np.int32(23))
-
 
 @njit(**KERNEL, inline="always")
 def erf(x):
@@ -248,103 +221,6 @@ def bias_gelu_rows(y, bias, first, last):
 
 
 @njit(**KERNEL)
-def attention_items(qkv, bias, starts, n_head, out, first, last, step):
-    """Self-attention of work items range(first, last, step); item = text * n_head + head. Text s is rows
-    starts[s]:starts[s+1] of qkv (T, 3 dim: queries, keys, values, biases not yet added); writes its
-    head's HEAD_DIM columns of out (T, dim).
-
-    Loops are shaped for LLVM's vectoriser: scores run along the keys (K gathered transposed and
-    zero-padded to whole vectors) with the HEAD_DIM products unrolled; the exp runs once over the
-    item's whole score matrix, shifted by its largest score (rows whose own maximum is far below it
-    are shifted by their own instead, so nothing underflows); P @ V runs along HEAD_DIM in blocks
-    of LANES keys for short texts, as dot products along the keys for long ones.
-    """
-    dim = n_head * HEAD_DIM
-    scale = np.float32(1.0 / math.sqrt(HEAD_DIM))
-    longest = 0
-    for item in range(first, last, step):
-        s = item // n_head
-        longest = max(longest, starts[s + 1] - starts[s])
-    longest_padded = (longest + LANES - 1) // LANES * LANES
-    keys = np.zeros((HEAD_DIM, longest_padded), dtype=np.float32)
-    values = np.zeros((longest_padded, HEAD_DIM), dtype=np.float32)
-    values_t = np.zeros((HEAD_DIM, longest_padded), dtype=np.float32)
-    scores = np.empty(longest * longest_padded, dtype=np.float32)
-    row_max = np.empty(longest, dtype=np.float32)
-    query = np.empty(HEAD_DIM, dtype=np.float32)
-    context = np.empty(HEAD_DIM, dtype=np.float32)
-    for item in range(first, last, step):
-        s, h = item // n_head, item % n_head
-        start, length = starts[s], starts[s + 1] - starts[s]
-        padded = (length + LANES - 1) // LANES * LANES
-        q_col, k_col, v_col = h * HEAD_DIM, dim + h * HEAD_DIM, 2 * dim + h * HEAD_DIM
-        for j in range(length):
-            for d in range(HEAD_DIM):
-                keys[d, j] = qkv[start + j, k_col + d] + bias[k_col + d]
-            for d in range(HEAD_DIM):
-                values[j, d] = qkv[start + j, v_col + d] + bias[v_col + d]
-            for d in range(HEAD_DIM):
-                values_t[d, j] = values[j, d]
-        for j in range(length, padded):
-            for d in range(HEAD_DIM):
-                keys[d, j] = 0.0
-            for d in range(HEAD_DIM):
-                values[j, d] = 0.0
-        weights = scores[:length * padded].reshape(length, padded)
-        for i in range(length):
-            for d in range(HEAD_DIM):
-                query[d] = (qkv[start + i, q_col + d] + bias[q_col + d]) * scale
-            for j in range(padded):
-                acc = np.float32(0.0)
-                for d in range(HEAD_DIM):
-                    acc += query[d] * keys[d, j]
-                weights[i, j] = acc
-            top = weights[i, 0]
-            for j in range(1, length):
-                top = max(top, weights[i, j])
-            row_max[i] = top
-            for j in range(length, padded):
-                weights[i, j] = top   # finite after the shift; meets zero values and stays out of the sums
-        item_max, item_min = row_max[0], row_max[0]
-        for i in range(1, length):
-            item_max = max(item_max, row_max[i])
-            item_min = min(item_min, row_max[i])
-        if item_min >= item_max - SHARED_SHIFT_RANGE:
-            for x in range(length * padded):
-                scores[x] = exp_nonpositive(scores[x] - item_max)
-        else:
-            for i in range(length):
-                for j in range(padded):
-                    weights[i, j] = exp_nonpositive(weights[i, j] - row_max[i])
-        for i in range(length):
-            total = np.float32(0.0)
-            for j in range(length):
-                total += weights[i, j]
-            if padded >= LONG_KEYS:
-                for d in range(HEAD_DIM):
-                    acc = np.float32(0.0)
-                    for j in range(length):
-                        acc += weights[i, j] * values_t[d, j]
-                    context[d] = acc
-            else:
-                for d in range(HEAD_DIM):
-                    context[d] = 0.0
-                for jb in range(0, padded, LANES):
-                    for d in range(HEAD_DIM):
-                        # four partial sums: one chain of LANES dependent FMAs would wait on latency
-                        a0 = a1 = a2 = a3 = np.float32(0.0)
-                        for u in range(0, LANES, 4):
-                            a0 += weights[i, jb + u] * values[jb + u, d]
-                            a1 += weights[i, jb + u + 1] * values[jb + u + 1, d]
-                            a2 += weights[i, jb + u + 2] * values[jb + u + 2, d]
-                            a3 += weights[i, jb + u + 3] * values[jb + u + 3, d]
-                        context[d] += (a0 + a1) + (a2 + a3)
-            inv = np.float32(1.0) / total
-            for d in range(HEAD_DIM):
-                out[start + i, q_col + d] = context[d] * inv
-
-
-@njit(**KERNEL)
 def mean_pool_normalize(h, starts, out):
     """out[s] = the mean of rows starts[s]:starts[s+1] of h, L2-normalised (norm floored at 1e-12)."""
     for s in range(starts.shape[0] - 1):
@@ -386,15 +262,6 @@ def bias_gelu_parallel(y, bias, chunk):
         bias_gelu_rows(y, bias, c * chunk, min(n, (c + 1) * chunk))
 
 
-@njit(**KERNEL, parallel=True)
-def attention_parallel(qkv, bias, starts, n_head, out, parts):
-    # part c takes every parts-th item: texts come sorted by length and an item costs length**2,
-    # so strided parts cost the same where contiguous ones would leave the longest texts to one thread
-    n = (starts.shape[0] - 1) * n_head
-    for c in prange(parts):
-        attention_items(qkv, bias, starts, n_head, out, c, n, parts)
-
-
 # ---------------------------------------------------------------------------------------------
 # The forward pass
 # ---------------------------------------------------------------------------------------------
@@ -410,8 +277,8 @@ def forward(args, weights, ids, positions, starts, parallel):
     """Packed token ids (T,) of len(starts) - 1 texts -> their float32 (texts, dim) embeddings."""
     eps, n_tokens = np.float32(args.norm_eps), ids.shape[0]
     h = np.empty((n_tokens, args.dim), dtype=np.float32)
-    n_items = (starts.shape[0] - 1) * args.n_head
     rows = _chunks(n_tokens, 4)
+    level, threads = cpu_level(), numba.get_num_threads() if parallel else 1
     if parallel:
         embed_parallel(ids, positions, weights.word, weights.position, weights.token_type, weights.norm_weight,
                        weights.norm_bias, eps, h, rows)
@@ -421,10 +288,7 @@ def forward(args, weights, ids, positions, starts, parallel):
     for layer in weights.layers:
         qkv = linear(h, layer.qkv)
         context = np.empty_like(h)
-        if parallel:
-            attention_parallel(qkv, layer.qkv_bias, starts, args.n_head, context, min(n_items, 2 * numba.get_num_threads()))
-        else:
-            attention_items(qkv, layer.qkv_bias, starts, args.n_head, context, 0, n_items, 1)
+        _attention.attention(qkv, layer.qkv_bias, starts, args.n_head, context, threads, level)
         y = linear(context, layer.out)
         if parallel:
             add_norm_parallel(y, layer.out_bias, h, layer.norm1_weight, layer.norm1_bias, eps, rows)
