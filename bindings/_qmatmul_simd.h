@@ -892,15 +892,21 @@ SIMD_INLINE void qm_panel_tile(const int fmt, const int XR, const int NP, const 
     }
 }
 
-/* every activation row against panels p0 .. p0 + NP (at `group`), QM_PANEL_XROWS rows at a time */
+/* every activation row against panels p0 .. p0 + NP (at `group`), QM_PANEL_XROWS rows at a time and the
+ * rest in one tile: each tile reads the panels once, and for a few rows (one short text) that read is the
+ * cost */
 SIMD_INLINE void qm_panel_rows(const int fmt, const int NP, const uint8_t *group, int64_t p0, const qm_acts *a,
                                int64_t K, int64_t M, int64_t N, float *out)
 {
     int64_t m0 = 0;
     for (; m0 + QM_PANEL_XROWS <= M; m0 += QM_PANEL_XROWS)
         qm_panel_tile(fmt, QM_PANEL_XROWS, NP, group, p0, a, K, m0, N, out);
-    for (; m0 < M; m0++)
-        qm_panel_tile(fmt, 1, NP, group, p0, a, K, m0, N, out);
+    switch (M - m0) {   /* QM_PANEL_XROWS is 4 */
+    case 3: qm_panel_tile(fmt, 3, NP, group, p0, a, K, m0, N, out); break;
+    case 2: qm_panel_tile(fmt, 2, NP, group, p0, a, K, m0, N, out); break;
+    case 1: qm_panel_tile(fmt, 1, NP, group, p0, a, K, m0, N, out); break;
+    default: break;
+    }
 }
 
 SIMD_INLINE void qm_panel_columns(const int NP, int fmt, const uint8_t *group, int64_t p0, const qm_acts *a,
