@@ -277,7 +277,7 @@ typedef struct {
     float *d;           /* M x K / 32: max|x| / 127 of each activation block, repeated for its blocks of 32 */
     float *sum;         /* M x K / 32: the exact float sum of each block (q4_k's mins term) */
     int32_t *qsum;      /* M x K / 16: the sum of q over each half block */
-    uint8_t *u;         /* with `biased`: M x K, q + 128 (panels of signed codes at the VNNI level) */
+    uint8_t *u;         /* with `biased`, instead of q: M x K, q + 128 (panels of signed codes at the VNNI level) */
     int64_t span;       /* blocks of 32 per activation block: d is one value across them */
     void *memory;
 } qm_acts;
@@ -294,14 +294,15 @@ static int qm_quantize(const float *x, int64_t M, int64_t K, int fmt, int64_t sp
 {
     const int64_t blocks = M * (K / QM_BLOCK), width = QM_BLOCK * span;
     const int sums = fmt == QM_Q4_K, qsums = !QM_SIGNED(fmt);   /* the horizontal sums only where read */
-    a->memory = malloc((size_t)(M * K) * (biased ? 2 : 1) + sizeof(float) * (size_t)(4 * blocks));
+    a->memory = malloc((size_t)(M * K) + sizeof(float) * (size_t)(4 * blocks));
     if (a->memory == NULL)
         return RS_ERR_MEMORY;
     a->d = (float *)a->memory;
     a->sum = a->d + blocks;
     a->qsum = (int32_t *)(a->sum + blocks);
-    a->q = (int8_t *)(a->qsum + 2 * blocks);
-    a->u = biased ? (uint8_t *)(a->q + M * K) : NULL;
+    a->q = biased ? NULL : (int8_t *)(a->qsum + 2 * blocks);
+    a->u = biased ? (uint8_t *)(a->qsum + 2 * blocks) : NULL;
+    int8_t *const codes = biased ? (int8_t *)a->u : a->q;   /* q, made q + 128 in place with `biased` */
     a->span = span;
     #pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1 && blocks > QM_QUANTIZE_SERIAL_BLOCKS)
     for (int64_t g = 0; g < blocks / span; g++) {
@@ -317,7 +318,7 @@ static int qm_quantize(const float *x, int64_t M, int64_t K, int fmt, int64_t sp
             for (int k = 0; k < QM_BLOCK / VF_LANES; k++) {
                 const vf v = vf_load(x + QM_BLOCK * i + VF_LANES * k);
                 const vi q = vf_to_vi(vf_mul(v, inverse));   /* round to nearest even; |q| <= 127 */
-                vi_store_i8(a->q + QM_BLOCK * i + VF_LANES * k, q);
+                vi_store_i8(codes + QM_BLOCK * i + VF_LANES * k, q);
                 if (sums)
                     sum = vf_add(sum, v);
                 if (qsums)
@@ -328,10 +329,9 @@ static int qm_quantize(const float *x, int64_t M, int64_t K, int fmt, int64_t sp
             a->qsum[2 * i] = qsums ? vi_reduce_add(halves[0]) : 0;
             a->qsum[2 * i + 1] = qsums ? vi_reduce_add(halves[1]) : 0;
             if (biased) {   /* restrict: the compiler may then vectorise the loop */
-                const int8_t *restrict q = a->q + QM_BLOCK * i;
                 uint8_t *restrict u = a->u + QM_BLOCK * i;
                 for (int j = 0; j < QM_BLOCK; j++)
-                    u[j] = (uint8_t)(q[j] ^ 0x80);
+                    u[j] ^= 0x80;
             }
         }
     }
@@ -842,16 +842,15 @@ SIMD_INLINE void qm_panel_tile(const int fmt, const int XR, const int NP, const 
                     QM_UNROLL
                     for (int m = 0; m < XR; m++) {
                         const int64_t at = (m0 + m) * K + 32 * b + 4 * j;
-                        int32_t four, biased_four;
-                        memcpy(&four, a->q + at, 4);
+                        int32_t four;   /* q, or q + 128 where the biased activations are the ones kept */
+                        memcpy(&four, SIMD_LEVEL == 3 && QM_SIGNED(fmt) ? (const void *)(a->u + at) : a->q + at, 4);
                         for (int p = 0; p < NP; p++) {
                             if (run > 1) {
                                 part[m][p] = vi_dpbusw(part[m][p], codes[p], vi_set1(four));
                             } else if (!QM_SIGNED(fmt)) {
                                 isum[m][p] = vi_dpbusd(isum[m][p], codes[p], vi_set1(four));
                             } else if (SIMD_LEVEL == 3) {   /* q + 128 times the signed codes */
-                                memcpy(&biased_four, a->u + at, 4);
-                                isum[m][p] = vi_dpbusd(isum[m][p], vi_set1(biased_four), codes[p]);
+                                isum[m][p] = vi_dpbusd(isum[m][p], vi_set1(four), codes[p]);
                             } else {
                                 isum[m][p] = vi_dot_i8(isum[m][p], codes[p], vi_set1(four));
                             }
