@@ -5,9 +5,10 @@
  * (rs_level_ok) and calls that level's code. The level units include this file too, for the format
  * ids and the matrix description, and so that their definitions are checked against the prototypes.
  *
- * The int8-activation path (q8_0, q5_0, q4_k, q6_k, int8, int4): activations quantized per block of 32
- * to int8 (llama.cpp's Q8_0 activations: d = max|x| / 127, q = rint(x / d)), exact integer dot products
- * per block (the same integers at every level), float32 scaling per block (per 16 weights for q6_k).
+ * The int8-activation path (q8_0, q5_0, q4_k, q6_k, int8, int4): activations quantized per block to int8
+ * (llama.cpp's Q8_0 activations: d = max|x| / 127, q = rint(x / d); 32 values a block, an int8/int4 weight
+ * group: qm_span), exact integer dot products per block (the same integers at every level), float32
+ * scaling per block (per 16 weights for q6_k).
  * M = 1 and large matrices: the row kernel reads the packed rows (qm_matmul); M >= 2: 16- or 8-row
  * panels repacked once per matrix and level (qm_repack, qm_panel_matmul). f16 rows and group sizes the
  * integer path does not take: float32 activations (qm_float_matmul). take/dequantize: qm_take, equal to
@@ -24,6 +25,16 @@
 /* Format ids, by the names the kernels use. */
 enum { QM_Q8_0 = RS_QM_Q8_0, QM_Q5_0 = RS_QM_Q5_0, QM_Q4_K = RS_QM_Q4_K, QM_Q6_K = RS_QM_Q6_K, QM_INT8 = RS_QM_INT8,
        QM_INT4 = RS_QM_INT4, QM_F16 = RS_QM_F16, QM_FORMATS = RS_QM_FORMATS };
+
+/* Blocks of 32 values that share one activation scale: an int8/int4 weight group (one int32 sum and one
+ * scaling per group, as the GGUF formats have per block of theirs) up to QM_MAX_SPAN blocks, where the int32
+ * sums stay far from overflow (|q c| <= 127 * 127 per product: 2048 blocks of 32 reach 1.06e9); else 32. */
+#define QM_MAX_SPAN 2048
+static inline int64_t qm_span(int fmt, int64_t group_size)
+{
+    return (fmt == QM_INT8 || fmt == QM_INT4) && group_size % 32 == 0 && group_size / 32 <= QM_MAX_SPAN
+           ? group_size / 32 : 1;
+}
 
 /* A packed (N, K) matrix, every size checked by the caller (_qmatmul.pyx) against the buffers. */
 typedef struct {

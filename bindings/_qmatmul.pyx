@@ -16,6 +16,7 @@ cdef extern from "_qmatmul.h" nogil:
         QM_Q8_0, QM_Q5_0, QM_Q4_K, QM_Q6_K, QM_INT8, QM_INT4, QM_F16, QM_FORMATS
     int rs_cpu_level()
     int rs_level_ok(int level)
+    int64_t qm_span(int fmt, int64_t group_size)
     ctypedef struct qm_matrix:
         int fmt
         const uint8_t *data
@@ -213,3 +214,9 @@ def codes():
     """The format ids this module's C code was compiled with (tests/test_codes.py)."""
     return {"q8_0": QM_Q8_0, "q5_0": QM_Q5_0, "q4_k": QM_Q4_K, "q6_k": QM_Q6_K, "int8": QM_INT8, "int4": QM_INT4,
             "f16": QM_F16}
+
+
+def activation_block(int fmt, int64_t group_size):
+    """The values of x that share one int8 scale on the int8-activation path for format id fmt and this
+    group size (C's qm_span: an int8/int4 group up to 65,536 values, else 32)."""
+    return 32 * qm_span(fmt, group_size)

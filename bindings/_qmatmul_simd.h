@@ -269,7 +269,7 @@ static void qm_row_scales(const qm_matrix *w, int64_t r, float *scale16, float *
 }
 
 /* ---------------------------------------------------------------------------------------------------
- * Activations: int8 per block of 32
+ * Activations: int8 per activation block (32 values, or an int8/int4 weight group: qm_span)
  * --------------------------------------------------------------------------------------------------- */
 
 typedef struct {
@@ -281,10 +281,6 @@ typedef struct {
     int64_t span;       /* blocks of 32 per activation block: d is one value across them */
     void *memory;
 } qm_acts;
-
-/* Blocks of 32 per activation block: int8 and int4 quantize x per weight group (one int32 sum and
- * one scaling per group, as the GGUF formats do per block of theirs), the GGUF formats per 32. */
-static int64_t qm_span(int fmt, int64_t group_size) { return fmt == QM_INT8 || fmt == QM_INT4 ? group_size / 32 : 1; }
 
 /* x -> int8 per activation block of 32 span values, in one pass on `threads` threads (above
  * QM_QUANTIZE_SERIAL_BLOCKS blocks: at large M it is a tenth or more of the product). */

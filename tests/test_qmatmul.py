@@ -329,6 +329,26 @@ def test_integer_dot_products_are_exact_at_every_level(rng, monkeypatch, cpu_lev
             assert qmatmul(x, qm).tobytes() == exact.tobytes()   # row kernel, M = 3; streamed panels, M = 17
 
 
+def test_activation_blocks_keep_the_int32_sums_in_range(cpu_level):
+    """int8/int4 quantize x per weight group up to 65,536 values (2,048 blocks of 32), else per 32: codes
+    and activations at their extremes over a whole 65,536-value group sum to 127 * 127 * 65,536 ~ 1.06e9,
+    exact in int32 at every level (no wrap; the float32 sums over K round to ~3e-5), and a group past the
+    cap still multiplies correctly."""
+    for fmt, group, block in (("q8_0", 32, 32), ("int8", 128, 128), ("int4", 64, 64), ("int8", 65536, 65536),
+                              ("int8", 65568, 32)):
+        qm = quantize_matrix(np.ones((3, group), np.float32), fmt, group_size=group) if fmt != "q8_0" else None
+        assert qm is None or cpu.activation_block(qm) == block
+    for group in (65536, 65568):
+        codes = np.full((5, group), 127, np.int8)
+        codes[1] = -127
+        qm = QuantizedMatrix("int8", (5, group), codes, np.ones((5, 1), np.float32), group)
+        x = np.full((17, group), 127.0, np.float32)
+        x[3] = -127.0
+        exact = x.astype(np.float64) @ codes.astype(np.float64).T
+        for M in (1, 3, 17):   # row kernel, panels
+            np.testing.assert_allclose(qmatmul(x[:M], qm), exact[:M], rtol=1e-4)   # float32 sums over K; a wrap: ~100%
+
+
 def test_levels_this_cpu_lacks_are_refused(rng):
     """Every C entry refuses a level outside 0 .. the CPU's (no instruction the CPU lacks can run)."""
     qm = random_matrix(rng, "int8", 32, OUT_FEATURES, 64)

@@ -46,8 +46,8 @@ def int8_activations(qm):
 
 def activation_block(qm):
     """The values of x that share one int8 scale on the int8-activation path: the int8/int4 weight group
-    (one int32 sum and one scaling per group), else 32."""
-    return qm.group_size if qm.fmt in ("int8", "int4") else 32
+    (one int32 sum and one scaling per group; 32 past 65,536), else 32."""
+    return _qmatmul.activation_block(FORMAT_IDS[qm.fmt], qm.group_size)
 
 
 def uses_panels(qm, M):
