@@ -78,7 +78,8 @@ OPENAPI = {
                         _obj(("items",), items={"type": "array", "maxItems": 256, "items": _obj(
                             ("id",), id=ID, title={"type": "string"}, genres={"type": "array", "items": {"type": "string"}},
                             vector={"type": ["array", "null"], "items": {"type": "number"},
-                                    "description": "the item's factor vector; null or absent: zeros (found through popularity and feedback until the next build)"})})),
+                                    "description": "the item's factor vector; null or absent: zeros (found through "
+                                                   "popularity and feedback until the next build)"})})),
             "delete": _op("Stop serving items", "write", _obj(("removed",), removed={"type": "integer"}),
                           _obj(("ids",), ids={"type": "array", "items": ID, "maxItems": 256}))},
         "/v1/similar/{item}": {"get": _op(
